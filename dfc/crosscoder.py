@@ -89,22 +89,29 @@ class Crosscoder(nn.Module):
         self.reset_parameters()
 
     # ----------------------------------------------------------------- parameters
-    def reset_parameters(self, decoder_norm: float = 0.4, generator: torch.Generator | None = None) -> None:
-        """Random unit directions scaled to ``decoder_norm``; encoder initialised to the decoder."""
+    def reset_parameters(
+        self,
+        decoder_norm: float = 0.4,
+        generator: torch.Generator | None = None,
+        exclusive_decoder_norm: float | None = None,
+    ) -> None:
+        """Random unit directions scaled to ``decoder_norm``; encoder initialised to the decoder.
+
+        ``exclusive_decoder_norm`` sets the DFC partitions' rows apart (default: the same norm);
+        e.g. ``2 × decoder_norm`` gives an exclusive feature the same *total* norm Σ_m‖d^m‖ as a
+        shared one, and so the same BatchTopK score scale at initialisation.
+        """
+        c = self.config
+        excl = decoder_norm if exclusive_decoder_norm is None else exclusive_decoder_norm
         with torch.no_grad():
-            for dec, enc in ((self.w_dec_a, self.w_enc_a), (self.w_dec_b, None)):
+            for dec in (self.w_dec_a, self.w_dec_b):
                 dec.copy_(torch.randn(dec.shape, generator=generator))
-                dec.mul_(decoder_norm / dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-                if enc is not None:
-                    enc.copy_(dec)
-            # An exclusive feature has one decoder where a shared one has two; starting it at the same
-            # total norm Σ_m‖d^m‖ keeps its BatchTopK score comparable, so the partition is not starved
-            # (dead) before it can learn (the paper's recipe initialises every per-model row to 0.4).
-            c = self.config
-            self.w_dec_a[: c.n_a_only].mul_(2.0)
-            self.w_enc_a[: c.n_a_only].mul_(2.0)
-            n_b_excl_start = c.n_shared - (c.n_designated if c.ties_decoders else 0)
-            self.w_dec_b[n_b_excl_start:].mul_(2.0)
+                dec.div_(dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            self.w_dec_a.mul_(decoder_norm)
+            self.w_dec_a[: c.n_a_only].mul_(excl / decoder_norm)
+            self.w_dec_b.mul_(decoder_norm)
+            self.w_dec_b[self.w_dec_b.shape[0] - c.n_b_only :].mul_(excl / decoder_norm)
+            self.w_enc_a.copy_(self.w_dec_a)
             self.w_enc_b.copy_(self.decoder_b())
             self.b_enc.zero_()
             self.b_dec_a.zero_()

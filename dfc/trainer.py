@@ -46,6 +46,8 @@ class TrainConfig:
     """Global gradient-norm clip."""
     decoder_init_norm: float = 0.4
     """Norm of every decoder row at initialisation."""
+    exclusive_init_norm: float | None = None
+    """Norm of DFC exclusive decoder rows at initialisation; default ``decoder_init_norm``."""
     aux_alpha: float = 1 / 32
     """Weight of the AuxK loss."""
     aux_k: int | None = None
@@ -188,7 +190,7 @@ class Trainer:
         """Seeded init, normalisation scales and ``b_dec`` from the first batch."""
         c = self.config
         generator = torch.Generator().manual_seed(c.seed)
-        self.model.reset_parameters(c.decoder_init_norm, generator)
+        self.model.reset_parameters(c.decoder_init_norm, generator, c.exclusive_init_norm)
         if c.estimate_scales and float(self.model.scale_a) == 1.0 and float(self.model.scale_b) == 1.0:
             self.model.set_scales(float(x_a.norm(dim=1).median()), float(x_b.norm(dim=1).median()))
         x_a, x_b = self._normalised_inliers(x_a, x_b)
