@@ -9,6 +9,7 @@ by the buffer and a few shards whatever the corpus size.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -61,7 +62,7 @@ def _iter_docs(reader: ShardReader) -> Iterator[tuple[int, int, ShardData, Tenso
         doc_ids = shard.doc_ids
         boundaries = torch.nonzero(doc_ids[1:] != doc_ids[:-1]).squeeze(1) + 1
         edges = [0, *boundaries.tolist(), shard.n_tokens]
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        for lo, hi in itertools.pairwise(edges):
             yield int(doc_ids[lo]), starts[i], shard, torch.arange(lo, hi)
 
 
@@ -124,10 +125,15 @@ def align_activations(
         kept_token_fraction=summary.kept_token_fraction,
         failures=failures,
     )
-    store.put_json(f"{out_prefix.rstrip('/')}/{SUMMARY_NAME}", asdict(result) | {"prefix_a": prefix_a, "prefix_b": prefix_b})
+    store.put_json(
+        f"{out_prefix.rstrip('/')}/{SUMMARY_NAME}", asdict(result) | {"prefix_a": prefix_a, "prefix_b": prefix_b}
+    )
     log.info(
         "aligned %d sequences: %.1f%% to the end, %d pairs (%.1f%% of tokens kept)",
-        summary.sequences, 100 * summary.aligned_sequence_fraction, result.n_pairs, 100 * summary.kept_token_fraction,
+        summary.sequences,
+        100 * summary.aligned_sequence_fraction,
+        result.n_pairs,
+        100 * summary.kept_token_fraction,
     )
     return result
 
@@ -169,8 +175,8 @@ class PairedActivations:
         self.pairs_a, self.pairs_b = load_pairs(store, pairs_key)
         self.batch_size, self.shuffle_buffer = batch_size, max(shuffle_buffer, batch_size)
         self.seed, self.prefetch, self.epochs, self.b_cache_shards = seed, prefetch, epochs, b_cache_shards
-        self.starts_a = torch.tensor(_shard_starts(self.reader_a) + [self.reader_a.manifest.n_tokens])
-        self.starts_b = torch.tensor(_shard_starts(self.reader_b) + [self.reader_b.manifest.n_tokens])
+        self.starts_a = torch.tensor([*_shard_starts(self.reader_a), self.reader_a.manifest.n_tokens])
+        self.starts_b = torch.tensor([*_shard_starts(self.reader_b), self.reader_b.manifest.n_tokens])
         self.shard_of_a = torch.searchsorted(self.starts_a, self.pairs_a, right=True) - 1
         self.shard_of_b = torch.searchsorted(self.starts_b, self.pairs_b, right=True) - 1
         if len(self.pairs_a) < batch_size:

@@ -14,7 +14,9 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dogs", "while
 def make_texts(n: int) -> dict[int, str]:
     g = torch.Generator().manual_seed(0)
     return {
-        i: " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (int(torch.randint(5, 30, (1,), generator=g)),), generator=g))
+        i: " ".join(
+            WORDS[j] for j in torch.randint(0, len(WORDS), (int(torch.randint(5, 30, (1,), generator=g)),), generator=g)
+        )
         for i in range(n)
     }
 
