@@ -52,6 +52,15 @@ class ToyConfig:
     """Seed of the world (concepts, maps, exclusivity); sampling uses its own generator."""
 
 
+class ToySample(NamedTuple):
+    """A paired batch with the ground-truth concept coefficients that produced it."""
+
+    x_a: Tensor
+    x_b: Tensor
+    coefficients: Tensor
+    """``z_i · s_i`` per sample and concept (zero where the concept is inactive)."""
+
+
 class ToyWorld:
     """Concept vectors of both models plus a sampler of paired activations."""
 
@@ -91,7 +100,7 @@ class ToyWorld:
         mean_active = float(self._probabilities(4096, g).sum(1).mean())
         return self.config.k_target / mean_active
 
-    def sample(self, batch: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    def sample_with_coefficients(self, batch: int, g: torch.Generator) -> ToySample:
         """``x = Σ z_i s_i c_i + noise`` for both models with the same ``z`` and ``s``."""
         c = self.config
         p = (self._probabilities(batch, g) * self.prob_scale).clamp(c.p_floor, 1.0)
@@ -99,7 +108,12 @@ class ToyWorld:
         coeff = z * torch.rand(batch, c.n_concepts, generator=g)
         x_a = (coeff * self.in_a) @ self.concepts_a + torch.randn(batch, c.d_a, generator=g) * c.noise_std
         x_b = (coeff * self.in_b) @ self.concepts_b + torch.randn(batch, c.d_b, generator=g) * c.noise_std
-        return x_a, x_b
+        return ToySample(x_a, x_b, coeff)
+
+    def sample(self, batch: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """A paired batch ``(x_a, x_b)``."""
+        s = self.sample_with_coefficients(batch, g)
+        return s.x_a, s.x_b
 
     def batches(self, batch_size: int, n_batches: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
         """A reproducible stream of paired batches."""
