@@ -89,7 +89,7 @@ def main() -> None:
         reader_tps = consumed * batch / (time.perf_counter() - start)
 
         trainer = trainer_for(d_a, d_b, args.threads)
-        fixed = [next(iter(reader)) for _ in range(1)][0]
+        fixed = next(iter(reader))
         trainer.step(*fixed)
         steps = 8
         start = time.perf_counter()
