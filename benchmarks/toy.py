@@ -53,6 +53,8 @@ def run_one(job: dict) -> dict:
             steps=job["steps"],
             lr=job["lr"],
             dead_after_tokens=job["dead_after_tokens"],
+            aux_k=job["aux_k"],
+            aux_alpha=job["aux_alpha"],
             seed=job["seed"],
             device=job["device"],
             log_every=0,
@@ -131,13 +133,21 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--partition", type=float, default=0.05, help="DFC exclusive partition per model")
-    parser.add_argument("--dead-after-tokens", type=int, default=100_000)
+    parser.add_argument(
+        "--dead-after-tokens", type=int, default=20_000, help="dead-feature window, scaled down for short runs"
+    )
+    parser.add_argument("--aux-k", type=int, default=5, help="dead features per token in AuxK (paper: d/2)")
+    parser.add_argument("--aux-alpha", type=float, default=0.5, help="AuxK weight (paper: 1/32)")
+    parser.add_argument(
+        "--rank-decay", type=float, default=None, help="frequency decay per concept rank; default 0.001·2048/n_concepts"
+    )
     parser.add_argument("--archs", default=",".join(ARCHS))
     parser.add_argument("--workers", type=int, default=2, help="parallel trainings (one thread each)")
     parser.add_argument("--out", type=Path, default=RESULTS / "toy.json")
     args = parser.parse_args()
     if args.paper:
         args.n_concepts, args.d, args.seeds, args.steps, args.batch = 2048, 256, 5, 20_000, 2048
+        args.dead_after_tokens = 1_000_000
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.n_concepts * f // 4 for f in (1, 2, 4, 8)]
     archs = args.archs.split(",")
@@ -145,8 +155,14 @@ def main() -> None:
         {
             "arch": arch, "size": size, "seed": seed, "k": args.k, "partition": args.partition,
             "steps": args.steps, "batch": args.batch, "lr": args.lr, "device": device, "threads": 1,
-            "dead_after_tokens": args.dead_after_tokens,
-            "world": asdict(ToyConfig(n_concepts=args.n_concepts, d_a=args.d, d_b=args.d_b or args.d, seed=seed)),
+            "dead_after_tokens": args.dead_after_tokens, "aux_k": args.aux_k, "aux_alpha": args.aux_alpha,
+            "world": asdict(
+                ToyConfig(
+                    n_concepts=args.n_concepts, d_a=args.d, d_b=args.d_b or args.d, seed=seed,
+                    # Same frequency profile as the paper's 2048 concepts, whatever the number of concepts.
+                    rank_decay=args.rank_decay if args.rank_decay is not None else 0.001 * 2048 / args.n_concepts,
+                )
+            ),
         }
         for seed in range(args.seeds)
         for size in sizes

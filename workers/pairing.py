@@ -24,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from dfc.align import AlignmentSummary, AlignStatus, SequenceAlignment, align_offsets
+from workers.extract import read_texts
 from workers.shards import ShardData, ShardReader
 from workers.storage import ObjectStore
 
@@ -136,6 +137,15 @@ def align_activations(
         100 * summary.kept_token_fraction,
     )
     return result
+
+
+def stored_texts(store: ObjectStore, prefix: str) -> dict[int, str]:
+    """Every document's text as the extraction stored it (what the offsets of ``prefix`` index into)."""
+    reader = ShardReader(store, prefix, verify=False)
+    texts: dict[int, str] = {}
+    for entry in reader.manifest.shards:
+        texts.update(read_texts(store, prefix, entry.index))
+    return texts
 
 
 def load_pairs(store: ObjectStore, pairs_key: str) -> tuple[Tensor, Tensor]:
