@@ -8,6 +8,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch
+
+# Tests use tiny tensors: one intra-op thread is as fast, and it does not thrash when pytest shares
+# the machine's two cores with server processes (the S3 server, Ray, uvicorn) or a second job.
+torch.set_num_threads(1)
+
 pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.tiny_models",
