@@ -180,18 +180,16 @@ class Crosscoder(nn.Module):
             norms = self.decoder_norms()
             total = (norms.a + norms.b).clamp_min(1e-12)
             n_a = len(c.features_a)
-            w_a = (self.w_enc_a.detach() * total[:n_a, None]).to(dtype)
-            w_b = (self.w_enc_b.detach() * total[self.b_offset :, None]).to(dtype)
+            # One matmul over [x_a | x_b] with a zero-padded copy of the two encoder blocks: a
+            # contiguous result (no strided in-place updates) and a longer inner dimension, at the
+            # price of multiplying the exclusive rows' absent block by zeros (the partitions' share).
+            # The parameters stay separate blocks; this temporary exists only inside this no-grad pass.
+            weights = torch.zeros(c.n_features, c.d_a + c.d_b, dtype=dtype, device=x_a.device)
+            weights[:n_a, : c.d_a] = self.w_enc_a.detach() * total[:n_a, None]
+            weights[self.b_offset :, c.d_a :] = self.w_enc_b.detach() * total[self.b_offset :, None]
             bias = (self.b_enc.detach() * total).to(dtype)
-            x_a, x_b = x_a.to(dtype), x_b.to(dtype)
-            if n_a == c.n_features:  # standard and DSF: both models cover every feature
-                out = torch.addmm(bias, x_a, w_a.T).addmm_(x_b, w_b.T)
-            else:
-                out = torch.empty(x_a.shape[0], c.n_features, dtype=dtype, device=x_a.device)
-                out[:, :n_a] = bias[:n_a]
-                out[:, n_a:] = bias[n_a:]
-                out[:, :n_a].addmm_(x_a, w_a.T)
-                out[:, self.b_offset :].addmm_(x_b, w_b.T)
+            x = torch.cat([x_a.to(dtype), x_b.to(dtype)], dim=1)
+            out = torch.addmm(bias, x, weights.T)
             return EncoderScores(out.float(), total)
 
     def pre_activations(self, x_a: Tensor, x_b: Tensor, compute_dtype: torch.dtype | None = None) -> Tensor:

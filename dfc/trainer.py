@@ -134,6 +134,14 @@ def geometric_median(points: Tensor, iterations: int = 100, eps: float = 1e-6) -
     return median
 
 
+def make_adam(params: Iterable[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with the fused kernel where torch has one: one pass over the dictionary instead of ~10."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+    except RuntimeError:
+        return torch.optim.Adam(params, lr=lr)
+
+
 def _check_batch(x_a: Tensor, x_b: Tensor, config: CrosscoderConfig, index: int) -> None:
     """Reject malformed batches before they reach an optimiser step."""
     for name, x, d in (("A", x_a, config.d_a), ("B", x_b, config.d_b)):
@@ -161,7 +169,7 @@ class Trainer:
         self.config = config.resolved(model.config)
         self.device = torch.device(self.config.device)
         self.model.to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+        self.optimizer = make_adam(self.model.parameters(), self.config.lr, self.device)
         self.step_count = 0
         self.tokens_seen = 0
         self.tokens_since_fired = torch.zeros(model.config.n_features, dtype=torch.long, device=self.device)

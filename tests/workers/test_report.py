@@ -1,0 +1,286 @@
+"""Specification of the audit report: its JSON contract, the self-contained HTML page and the terminal summary."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from rich.console import Console
+
+from workers.report.fixtures import example_report
+from workers.report.html import render_html
+from workers.report.schema import AuditReport, Context, FeatureReport
+from workers.report.terminal import print_summary
+
+EVIL = "<script>alert(1)</script>"
+EVIL_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.fixture(scope="module")
+def report() -> AuditReport:
+    return example_report(n_features=30, seed=0, n_shared=60)
+
+
+@pytest.fixture(scope="module")
+def page(report: AuditReport) -> str:
+    return render_html(report)
+
+
+def strings_in(value: Any) -> list[str]:
+    """Every string a report carries (JSON values and keys)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*strings_in(k), *strings_in(v))]
+    if isinstance(value, list):
+        return [s for item in value for s in strings_in(item)]
+    return []
+
+
+def poisoned(report: AuditReport) -> AuditReport:
+    """A copy of ``report`` with a script tag in every kind of free text that model output or users control."""
+    data = report.model_dump(mode="json")
+    top = data["features_b"][0]
+    top["top_contexts"][0].update(prefix=EVIL, token=EVIL, suffix=EVIL, doc_id=EVIL)
+    top["promoted_tokens"][0]["token"] = EVIL
+    top["explanation"]["text"] = EVIL
+    top["checks"]["flags"].append(EVIL)
+    top["steering"][0]["continuations"][0].update(prompt=EVIL, unsteered=EVIL, steered=EVIL)
+    top["score_components"][EVIL] = 0.5
+    data["model_b"]["id"] = EVIL
+    data["warnings"].append(EVIL)
+    data["spec"]["note"] = EVIL
+    data["shared_summary"]["features"][0].update(snippet=EVIL, top_tokens=[EVIL])
+    data["steering_transfer"]["notes"] = EVIL
+    return AuditReport.model_validate(data)
+
+
+# --- the JSON contract ---------------------------------------------------------------------------------------
+
+
+def test_report_round_trips_exactly_through_json(report: AuditReport) -> None:
+    text = report.model_dump_json()
+    again = AuditReport.model_validate_json(text)
+    assert again == report
+    assert again.model_dump_json() == text
+    assert json.loads(text)["schema_version"] == "1.0"
+
+
+def test_every_schema_field_has_a_description() -> None:
+    schema = AuditReport.model_json_schema()
+    missing = [
+        f"{name}.{field}"
+        for name, definition in {"AuditReport": schema, **schema["$defs"]}.items()
+        for field, spec in definition.get("properties", {}).items()
+        if not spec.get("description")
+    ]
+    assert missing == []
+
+
+def test_an_unknown_schema_version_is_refused(report: AuditReport) -> None:
+    data = report.model_dump(mode="json") | {"schema_version": "2.0"}
+    with pytest.raises(ValidationError, match="schema_version"):
+        AuditReport.model_validate(data)
+
+
+def _set(data: dict, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        data = data[int(key)] if isinstance(data, list) else data[key]
+    data[int(last) if isinstance(data, list) else last] = value
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("features_b.0.stats.frequency", -0.01, r"stats\.frequency"),
+        ("features_b.0.stats.frequency", 1.5, r"stats\.frequency"),
+        ("features_a.2.score", float("nan"), r"features_a\.2\.score\n.*finite"),
+        ("features_a.0.score_components.strength", float("inf"), r"score_components\.strength\n.*finite"),
+        ("features_b.0.checks.nu_eps", float("nan"), r"checks\.nu_eps\n.*finite"),
+        ("features_b.0.top_contexts.0.activation", -1.0, r"top_contexts\.0\.activation"),
+        ("features_b.1.rank", 3, r"features_b\[1\]\.rank=3; ranks must run 1\.\.30"),
+        ("features_a.0.owner", "B", r"features_a\[0\]\.owner='B'"),
+        ("features_b.0.index", 10**9, r"features_b\[0\]\.index=1000000000 is outside the dictionary"),
+        ("features_b.5.score", 99.0, r"features_b\[5\]\.score=99\.0 is above the score of rank 5"),
+        ("training.dead_fraction", 1.2, r"training\.dead_fraction"),
+        ("model_b.layer", 36, r"layer=36 must be below n_layers=36"),
+        ("crosscoder.n_shared", 5, r"n_a_only \+ n_b_only \+ n_shared"),
+        ("finished_at", "2020-01-01T00:00:00Z", r"finished_at=.* is before created_at"),
+        ("shared_summary.relative_norm_histogram.counts", [1, 2], r"bin_edges has 21 entries"),
+        ("features_b.0.score_weights.made_up", 1.0, r"score_weights names \['made_up'\]"),
+    ],
+)
+def test_validators_refuse_nonsense_naming_the_field(report: AuditReport, path: str, value: Any, message: str) -> None:
+    data = report.model_dump(mode="json")
+    _set(data, path, value)
+    with pytest.raises(ValidationError, match=message):
+        AuditReport.model_validate(data)
+
+
+def test_unknown_keys_are_refused_rather_than_dropped() -> None:
+    with pytest.raises(ValidationError, match="activaton"):
+        Context.model_validate({"doc_id": "d", "prefix": "", "token": "x", "suffix": "", "activaton": 1.0})
+
+
+# --- the HTML page -------------------------------------------------------------------------------------------
+
+
+def test_html_loads_nothing_from_the_network(report: AuditReport, page: str) -> None:
+    assert "<script src" not in page and "<link" not in page and "@import" not in page
+    assert all(src.startswith("data:") for src in re.findall(r'\bsrc="([^"]*)"', page))
+    assert "url(" not in page
+    carried = "\n".join(strings_in(report.model_dump(mode="json")))
+    urls = re.findall(r"https?://[^\s\"'<>]+", page)
+    assert urls, "the example carries a URL in a context; it must still be shown"
+    assert [u for u in urls if u not in carried] == []
+
+
+def test_html_escapes_model_output_everywhere(report: AuditReport) -> None:
+    page = render_html(poisoned(report))
+    assert EVIL not in page
+    assert page.count("<script") == 1  # the page's own filter script
+    assert page.count(EVIL_ESCAPED) >= 10
+
+
+def test_html_is_deterministic(report: AuditReport, page: str) -> None:
+    assert render_html(report) == page
+
+
+def test_top_cards_come_first_and_cards_are_capped() -> None:
+    big = example_report(n_features=120, seed=1, n_shared=50)
+    page = render_html(big, top_n=20)
+    for owner, features in (("b", big.features_b), ("a", big.features_a)):
+        assert page.count(f'<article class="card owner-{owner}"') == 20
+        assert page.count(f'id="feature-{owner}-') == 20
+        table = page.split(f'id="table-{owner}"', 1)[1].split("</table>", 1)[0]
+        assert table.count("<tr>") == len(features) + 1  # header + every feature, carded or not
+    top_b, top_a = f'id="feature-b-{big.features_b[0].index}"', f'id="feature-a-{big.features_a[0].index}"'
+    assert page.index(top_b) < page.index(top_a) < page.index('id="plots"')
+
+
+def test_a_thousand_features_render_in_seconds() -> None:
+    import time
+
+    big = example_report(n_features=1000, seed=2, n_shared=1000)
+    start = time.perf_counter()
+    page = render_html(big)
+    assert time.perf_counter() - start < 15
+    assert len(page) < 5_000_000
+
+
+# --- the page in a real browser ------------------------------------------------------------------------------
+
+ERROR_TRAP = """<script>
+window.addEventListener("error", function (e) {
+  document.documentElement.setAttribute("data-js-error", String(e.message)); });
+var consoleError = console.error;
+console.error = function () {
+  document.documentElement.setAttribute("data-js-error", Array.prototype.join.call(arguments, " "));
+  consoleError.apply(console, arguments); };
+</script>"""
+
+
+def js_error(dom: str) -> str | None:
+    """The message the error trap recorded on the <html> element, if any."""
+    found = re.search(r'<html[^>]*\sdata-js-error="([^"]*)"', dom)
+    return found.group(1) if found else None
+
+
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess[str]:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--hide-scrollbars", "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}"]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=90, check=True)
+
+
+def _dump(html_text: str, tmp_path: Path, name: str) -> tuple[str, str]:
+    """Load ``html_text`` from a file:// URL in headless Chromium; return the DOM after scripts ran, and stderr."""
+    path = tmp_path / f"{name}.html"
+    path.write_text(html_text.replace("<head>", "<head>" + ERROR_TRAP, 1), encoding="utf-8")
+    done = _chromium("--window-size=1280,900", "--dump-dom", path.as_uri(), profile=tmp_path / f"profile-{name}")
+    return done.stdout, done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_page_runs_in_chromium_without_errors_and_shows_b_top_feature_first(
+    report: AuditReport, page: str, tmp_path: Path
+) -> None:
+    # The trap must be able to fail: a page with a broken script is caught.
+    broken, _ = _dump("<html><head></head><body><script>noSuchFunction()</script></body></html>", tmp_path, "bad")
+    assert js_error(broken) is not None
+
+    top_b = report.features_b[0]
+    query = report.shared_summary.features[3].top_tokens[0]
+    expected = sum(query.lower() in " ".join([*f.top_tokens, f.snippet, str(f.index)]).lower()
+                   for f in report.shared_summary.features)
+    probe = f"""<script>
+      var d = document.documentElement, card = document.getElementById("feature-b-{top_b.index}");
+      d.setAttribute("data-top-b", card ? Math.round(card.getBoundingClientRect().top) : -1);
+      var box = document.querySelector('input[data-filter="table-shared"]');
+      box.value = {json.dumps(query)}; box.dispatchEvent(new Event("input"));
+      d.setAttribute("data-shared-shown", document.querySelectorAll("#table-shared tbody tr:not([hidden])").length);
+    </script></body>"""
+    dom, stderr = _dump(page.replace("</body>", probe, 1), tmp_path, "report")
+    assert js_error(dom) is None
+    assert "Uncaught" not in stderr
+    assert f'id="feature-b-{top_b.index}"' in dom
+    # The top B card starts within the first screen and a half of a 1280×900 window.
+    top = int(re.search(r'data-top-b="(-?\d+)"', dom).group(1))
+    assert 0 < top < 1350
+    # The filter box hides shared features that do not match what the reader typed.
+    shown = int(re.search(r'data-shared-shown="(\d+)"', dom).group(1))
+    assert 0 < shown == expected < len(report.shared_summary.features)
+
+    shot = tmp_path / "report.png"
+    _chromium("--window-size=1280,2400", f"--screenshot={shot}", (tmp_path / "report.html").as_uri(),
+              profile=tmp_path / "profile-shot")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+# --- the terminal summary ------------------------------------------------------------------------------------
+
+
+def test_terminal_summary_lists_top_features_of_both_models(report: AuditReport) -> None:
+    console = Console(record=True, width=200, color_system=None)
+    print_summary(report, console=console, top=5)
+    text = console.export_text()
+    for owner in ("A", "B"):
+        features = report.features(owner)
+        assert f"Exclusive to {owner}: {report.model(owner).id} (top 5 of 30)" in text
+        for f in features[:5]:
+            assert re.search(rf"│\s+{f.rank} │\s+{f.index} │ {f.score:.3f} │", text)
+        assert str(features[5].index) not in text.split(f"Exclusive to {owner}")[1].split("Exclusive to")[0]
+    top = report.features_b[0]
+    assert repr(top.promoted_tokens[0].token) in text and top.top_contexts[0].token in text
+    passed, failed = (sum(f.checks.passed == p for f in report.features_b[:5]) for p in (True, False))
+    b_table = text.split("Exclusive to B")[1].split("Exclusive to A")[0]
+    assert b_table.count("✓") == passed and b_table.count("✗") == failed
+
+
+def test_terminal_summary_prints_model_output_literally(report: AuditReport) -> None:
+    data = report.model_dump(mode="json")
+    data["features_a"][0]["top_contexts"][0]["token"] = "[bold red]x[/bold red]"
+    console = Console(record=True, width=200, color_system=None)
+    print_summary(AuditReport.model_validate(data), console=console, top=1)
+    assert "[bold red]x[/bold red]" in console.export_text()
+
+
+def test_feature_report_models_accept_optional_evidence_left_out() -> None:
+    """A feature the audit could not explain or steer still validates and renders."""
+    base = example_report(n_features=3, seed=3, n_shared=5)
+    data = base.model_dump(mode="json")
+    data["features_b"][0].update(explanation=None, steering=[], weak_contexts=[])
+    data["features_b"][0]["checks"].update(nu_eps=None, nu_r=None, nearest_shared_feature=None)
+    bare = AuditReport.model_validate(data)
+    assert isinstance(bare.features_b[0], FeatureReport) and bare.features_b[0].explanation is None
+    page = render_html(bare.model_copy(update={"steering_transfer": None}))
+    assert "Steering was not run for this feature." in page and "not computed" in page
