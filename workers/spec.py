@@ -1,0 +1,192 @@
+"""The one description of an audit: what the API validates, the CLI builds, the workers read and the report echoes.
+
+Defaults for real models follow the paper's recipe (SCIENCE.md §4) scaled to the token budget;
+values that depend on the models (dictionary size, steps) are left ``None`` here and resolved by
+:meth:`AuditSpec.resolve` once the models' widths are known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from workers.corpus import CorpusSpec
+
+# A hub id ("org/name", "name") or a local path; the hub's own rules: letters, digits, "-", "_", ".".
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+MAX_TOKEN_BUDGET = 10_000_000_000
+"""Ten billion tokens: 100× the paper's budget; anything above is a typo, not an audit."""
+
+LayerSpec = Annotated[
+    int | Literal["middle"], Field(description='Decoder block index, negative from the end, or "middle".')
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    """What one model's extraction actor reserves on the Ray cluster."""
+
+    num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs for this model's actor (fractions allowed).")
+    num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs for this model's actor.")
+    max_memory: dict[str, str] | None = Field(
+        None, description='accelerate max_memory per device, e.g. {"0": "70GiB", "cpu": "200GiB"}.'
+    )
+
+
+class ModelRef(_Strict):
+    """One of the two models being compared."""
+
+    id: str = Field(description="Hugging Face model id (org/name) or a local directory path.", min_length=1)
+    revision: str = Field("main", description="Branch, tag or commit; resolved to a commit and recorded.")
+    layer: LayerSpec = "middle"
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="Weights dtype; default bfloat16 on GPU, float32 on CPU."
+    )
+    device_map: Literal["auto"] | None = Field("auto", description='accelerate device_map: "auto" shards across GPUs.')
+    resources: Resources = Field(default_factory=Resources, description="Ray resources for this model.")
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        if value.startswith(("/", "./", "../", "~")) or _HUB_ID.match(value):
+            return value
+        raise ValueError(
+            f"model id {value!r} is neither a Hugging Face id (org/name: letters, digits, '-', '_', '.') "
+            "nor a local path (start it with / or ./)"
+        )
+
+    @field_validator("revision")
+    @classmethod
+    def _valid_revision(cls, value: str) -> str:
+        if not value or len(value) > 200 or any(c.isspace() for c in value):
+            raise ValueError(f"revision {value!r} must be a branch, tag or commit without spaces")
+        return value
+
+
+class CrosscoderSpec(_Strict):
+    """The dictionary to train."""
+
+    architecture: Literal["dfc", "standard", "dsf"] = Field("dfc", description="Crosscoder family.")
+    n_features: int | None = Field(
+        None, ge=16, le=1_048_576, description="Dictionary size; default 32× the wider model, at most 131,072 (paper)."
+    )
+    k: int | None = Field(None, ge=1, le=4096, description="Active features per token; default 200 at paper scale.")
+    a_only: float = Field(0.05, ge=0, lt=0.5, description="DFC: share of the dictionary exclusive to model A.")
+    b_only: float = Field(0.05, ge=0, lt=0.5, description="DFC: share of the dictionary exclusive to model B.")
+
+
+class TrainingSpec(_Strict):
+    """How to train the crosscoder (SCIENCE.md §4)."""
+
+    steps: int | None = Field(None, ge=1, le=10_000_000, description="Optimiser steps; default 2 epochs of the budget.")
+    batch_size: int = Field(2048, ge=8, le=65536, description="Token pairs per step (paper: 2048).")
+    lr: float = Field(1e-4, gt=0, le=1.0, description="Peak Adam learning rate (paper: 1e-4).")
+    epochs: float = Field(2.0, gt=0, le=100, description="Passes over the paired tokens when steps is not given.")
+    dead_after_tokens: int | None = Field(
+        None, ge=1, description="Dead-feature window; default 10M tokens, or 10% of training for short runs."
+    )
+    aux_k: int | None = Field(None, ge=1, description="AuxK dead features per token; default (d_A + d_B) / 4.")
+    aux_alpha: float = Field(1 / 32, ge=0, le=10, description="AuxK loss weight (paper: 1/32).")
+    checkpoint_every: int = Field(1000, ge=0, description="Steps between checkpoints in storage (0: only at the end).")
+    num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs for the training actor.")
+
+
+class SteeringSpec(_Strict):
+    """Causal evidence: suppress and amplify the top features (SCIENCE.md §8)."""
+
+    enabled: bool = Field(True, description="Run the steering stage.")
+    top_n: int = Field(20, ge=0, le=500, description="Features per model to steer.")
+    alphas: list[float] = Field(
+        default_factory=lambda: [-8.0, -4.0, -2.0, 2.0, 4.0, 8.0],
+        description="Coefficients α in α·s_max·d_i; negative suppresses, positive amplifies.",
+        min_length=1,
+        max_length=32,
+    )
+    probe_prompts: list[str] = Field(
+        default_factory=list, description="Extra prompts for side-by-side generations.", max_length=100
+    )
+    max_new_tokens: int = Field(40, ge=1, le=500, description="Length of generated continuations (greedy).")
+
+    @field_validator("alphas")
+    @classmethod
+    def _finite_alphas(cls, value: list[float]) -> list[float]:
+        bad = [a for a in value if not math.isfinite(a) or abs(a) > 1000]
+        if bad:
+            raise ValueError(f"steering coefficients must be finite and |α| ≤ 1000, got {bad}")
+        return value
+
+
+class RankingWeights(_Strict):
+    """Weights of the feature-ranking score's components (shown in the report)."""
+
+    strength: float = Field(1.0, description="Weight of the feature's (normalised) activation strength.")
+    frequency: float = Field(1.0, description="Weight of the log activation frequency.")
+    false_positive_penalty: float = Field(1.0, ge=0, description="Penalty for failing the Latent Scaling checks.")
+    steering: float = Field(1.0, description="Weight of the measured steering effect.")
+
+
+class AuditSpec(_Strict):
+    """Everything that defines an audit of model B against the trusted model A."""
+
+    model_a: ModelRef = Field(description="The trusted reference model.")
+    model_b: ModelRef = Field(description="The model under audit.")
+    corpus: CorpusSpec = Field(default_factory=CorpusSpec, description="Text both models read.")
+    token_budget: int = Field(
+        2_000_000, ge=1_000, le=MAX_TOKEN_BUDGET, description="Tokens of the corpus to extract per model (paper: 100M)."
+    )
+    max_length: int = Field(1024, ge=8, le=32768, description="Tokens per document; longer ones are truncated.")
+    crosscoder: CrosscoderSpec = Field(default_factory=CrosscoderSpec, description="The dictionary.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="The training recipe.")
+    steering: SteeringSpec = Field(default_factory=SteeringSpec, description="The steering stage.")
+    ranking: RankingWeights = Field(default_factory=RankingWeights, description="Feature-ranking weights.")
+    top_features: int = Field(50, ge=1, le=5000, description="Features per model analysed in depth and reported.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation and data order.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels echoed in the report.")
+
+    @model_validator(mode="after")
+    def _two_different_models(self) -> AuditSpec:
+        a, b = self.model_a, self.model_b
+        if (a.id, a.revision) == (b.id, b.revision):
+            raise ValueError(
+                f"model_a and model_b are the same model ({a.id}@{a.revision}); an audit compares two different models"
+            )
+        if self.crosscoder.architecture == "dfc" and self.crosscoder.a_only + self.crosscoder.b_only >= 0.9:
+            raise ValueError("a_only + b_only must leave at least 10% of the dictionary shared")
+        return self
+
+    def fingerprint(self) -> str:
+        """A stable hash of the spec: the same spec submitted twice is the same audit."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def resolve(self, d_a: int, d_b: int, paired_tokens: int) -> ResolvedTraining:
+        """Fill in the model-dependent defaults once the widths and the paired-token count are known."""
+        c, t = self.crosscoder, self.training
+        n_features = c.n_features or min(131_072, 32 * max(d_a, d_b))
+        k = c.k or (200 if n_features >= 65_536 else max(4, n_features // 256))
+        k = min(k, n_features // 4)
+        steps = t.steps or max(1, math.ceil(t.epochs * paired_tokens / t.batch_size))
+        dead = t.dead_after_tokens or min(10_000_000, max(t.batch_size, steps * t.batch_size // 10))
+        return ResolvedTraining(n_features=n_features, k=k, steps=steps, dead_after_tokens=dead)
+
+
+class ResolvedTraining(_Strict):
+    """Defaults of the crosscoder and training specs resolved for two concrete models."""
+
+    n_features: int
+    k: int
+    steps: int
+    dead_after_tokens: int
+
+
+def spec_schema() -> dict[str, Any]:
+    """The JSON schema of an audit spec (for docs and clients)."""
+    return AuditSpec.model_json_schema()
