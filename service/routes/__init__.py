@@ -1,0 +1,1 @@
+"""The API's routers, one file per group of routes."""

@@ -1,0 +1,92 @@
+"""Fixtures of the API tests: settings on a temporary store, a recording fake submitter, a client with a key."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from service.submit import SubmitError
+
+API_KEY = "test-key-5f0c1d2e3a4b5c6d7e8f"
+OTHER_KEY = "second-key-00112233445566778899"
+
+
+class FakeSubmitter:
+    """Records what the API asks of Ray; can be told to fail or to report Ray as unavailable."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+        self.stopped: list[str] = []
+        self.fail_with: str | None = None
+        self.readiness = (True, "fake Ray is up")
+        self._lock = threading.Lock()
+
+    def submit(self, audit_id: str) -> None:
+        if self.fail_with:
+            raise SubmitError(self.fail_with)
+        with self._lock:
+            self.submitted.append(audit_id)
+
+    def stop(self, audit_id: str) -> None:
+        self.stopped.append(audit_id)
+
+    def ready(self) -> tuple[bool, str]:
+        return self.readiness
+
+    def close(self) -> None:
+        pass
+
+
+def spec_body(**overrides: Any) -> dict[str, Any]:
+    """A small valid audit spec as a request body; keyword arguments replace top-level fields."""
+    body: dict[str, Any] = {
+        "model_a": {"id": "meta-llama/Llama-3.1-8B-Instruct"},
+        "model_b": {"id": "Qwen/Qwen3-8B"},
+        "token_budget": 100_000,
+    }
+    body.update(overrides)
+    return body
+
+
+def make_settings(store: Path | str, **overrides: Any) -> Settings:
+    """Settings for a test app: explicit values only, so a DFC_* variable in the environment changes nothing."""
+    values: dict[str, Any] = {"store_url": str(store), "api_keys": f"{API_KEY},{OTHER_KEY}", "metrics_cache_s": 0}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    """The local folder standing in for the bucket."""
+    return tmp_path / "bucket"
+
+
+@pytest.fixture
+def submitter() -> FakeSubmitter:
+    return FakeSubmitter()
+
+
+@pytest.fixture
+def settings(store_dir: Path) -> Settings:
+    return make_settings(store_dir)
+
+
+@pytest.fixture
+def client(settings: Settings, submitter: FakeSubmitter) -> Iterator[TestClient]:
+    """A client of a fresh app that sends the API key on every request."""
+    with TestClient(create_app(settings, submitter), headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+@pytest.fixture
+def anonymous(settings: Settings, submitter: FakeSubmitter) -> Iterator[TestClient]:
+    """A client of a fresh app that sends no API key."""
+    with TestClient(create_app(settings, submitter)) as c:
+        yield c
