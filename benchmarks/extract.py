@@ -21,6 +21,8 @@ import time
 from itertools import islice
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `tests` importable
+
 import torch
 
 from dfc.config import CrosscoderConfig
