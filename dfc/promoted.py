@@ -7,7 +7,6 @@ direction at its layer and measures the actual change in next-token log-probabil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dfc.hooks import find_decoder_layers
-from dfc.steering import Prompts, Steering, _mean_delta, encode_prompts, next_token_logprobs
+from dfc.steering import Prompts, Steering, encode_prompts, mean_logprob_delta, next_token_logprobs
 
 
 @dataclass(frozen=True)
@@ -116,15 +115,5 @@ def steered_token_effects(
     """
     ids = encode_prompts(tokenizer, prompts)
     spec = Steering(layer_index, direction, float(alpha), float(scale))
-    delta = _mean_delta(next_token_logprobs(model, ids, spec), next_token_logprobs(model, ids))
+    delta = mean_logprob_delta(next_token_logprobs(model, ids, spec), next_token_logprobs(model, ids))
     return _effects(delta, k, tokenizer)
-
-
-def unembedding_row(model: nn.Module, token_id: int) -> Tensor:
-    """The unembedding vector of one token (handy for checks and for steering towards a token)."""
-    return model.get_output_embeddings().weight.detach().float()[token_id].clone()
-
-
-def token_ids_of(tokenizer: Any, words: Sequence[str]) -> list[int]:
-    """First token id of each word as the model would see it mid-sentence (with a leading space)."""
-    return [tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0] for w in words]

@@ -112,7 +112,8 @@ def rank_features(
     is the max (or mean) activation over the strongest candidate's, frequency is log-scaled between
     ``frequency_floor`` and 1, and steering is a magnitude (e.g. next-token KL when suppressed) over the
     largest one measured. Latent Scaling passes when ``ν_ε < nu_eps_max`` and ``ν_r < nu_r_max``; a
-    feature with no Latent Scaling numbers (or non-finite ones) is neither penalised nor passed.
+    feature with no Latent Scaling numbers (or non-finite ones) is neither penalised nor passed. Features
+    that never fired come last whatever their score: there is nothing to show an auditor.
     """
     feats = [int(f) for f in torch.as_tensor(features, dtype=torch.long).reshape(-1).tolist()]
     rows = [stats.index(f) for f in feats]
@@ -128,8 +129,10 @@ def rank_features(
     scored: list[tuple[float, int, dict[str, Any]]] = []
     for i, f in enumerate(feats):
         steer = abs(measured[f]) / largest if f in measured and largest > 0 else (0.0 if f in measured else None)
-        nu_eps = _lookup(table[0], f) if table else None
-        nu_r = _lookup(table[1], f) if table else None
+        fired = int(stats.count[rows[i]]) > 0
+        # Latent Scaling of a feature that never fired is 0/0, not evidence of exclusivity.
+        nu_eps = _lookup(table[0], f) if table and fired else None
+        nu_r = _lookup(table[1], f) if table and fired else None
         passes = None if nu_eps is None or nu_r is None else (nu_eps < weights.nu_eps_max and nu_r < weights.nu_r_max)
         score = (
             weights.strength * float(strength[i])
@@ -141,9 +144,9 @@ def rank_features(
             "strength": float(strength[i]), "frequency": float(frequency[i]), "steering": steer,
             "passes_latent_scaling": passes, "nu_eps": nu_eps, "nu_r": nu_r,
         }  # fmt: skip
-        scored.append((score, f, parts))
-    scored.sort(key=lambda item: (-item[0], item[1]))  # ties by feature index keep the order deterministic
-    ranked = [RankedFeature(feature=f, rank=r + 1, score=s, **parts) for r, (s, f, parts) in enumerate(scored)]
+        scored.append((not fired, -score, f, parts))
+    scored.sort(key=lambda item: item[:3])  # ties by feature index keep the order deterministic
+    ranked = [RankedFeature(feature=f, rank=r + 1, score=-s, **parts) for r, (_, s, f, parts) in enumerate(scored)]
     return FeatureRanking(ranked, weights)
 
 

@@ -29,6 +29,43 @@ class SteeringError(ValueError):
 
 
 @dataclass(frozen=True)
+class FeatureGate:
+    """Where an exclusive feature fires and how strongly, computed from its own model's raw activations.
+
+    An exclusive feature's encoder reads only its model, so its activation is known while that model
+    runs alone; a shared feature would need the other model's activation at the same token too.
+    """
+
+    encoder: Tensor
+    """Raw-scale encoder row: the crosscoder's row times the model's normalisation scale."""
+    bias: float
+    threshold: float
+    """Smallest activation that counts as firing (the learned inference threshold; 0 if none)."""
+
+    @classmethod
+    def of(cls, crosscoder: Crosscoder, feature: int) -> FeatureGate:
+        """The gate of an A-only or B-only feature of ``crosscoder``."""
+        c = crosscoder.config
+        if feature in c.a_only_features:
+            row, scale = crosscoder.w_enc_a[feature], crosscoder.scale_a
+        elif feature in c.b_only_features:
+            row, scale = crosscoder.w_enc_b[feature - crosscoder.b_offset], crosscoder.scale_b
+        else:
+            raise ValueError(f"feature {feature} is not exclusive; only exclusive features can be gated per model")
+        norms = crosscoder.decoder_norms()
+        total = float(norms.a[feature] + norms.b[feature])
+        # Inference keeps a feature when activation · Σ‖d‖ clears the learned score threshold.
+        learned = float(crosscoder.thresholds[0])
+        threshold = learned / max(total, 1e-12) if learned > 0 else 0.0
+        return cls((row.detach().float() * scale).cpu(), float(crosscoder.b_enc.detach()[feature]), threshold)
+
+    def activation(self, hidden: Tensor) -> Tensor:
+        """``[..., 1]`` feature activation at each position (0 where it does not fire)."""
+        pre = (hidden.float() @ self.encoder.to(hidden.device) + self.bias).relu()
+        return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))[..., None]
+
+
+@dataclass(frozen=True)
 class Steering:
     """What to add where: ``alpha · scale · direction`` at the output of decoder block ``layer_index``."""
 
@@ -40,10 +77,12 @@ class Steering:
     """Steering coefficient: negative suppresses, positive amplifies."""
     scale: float = 1.0
     """Size of one unit of ``alpha``, e.g. the feature's maximum activation ``s_max``."""
+    gate: FeatureGate | None = None
+    """If set, add ``alpha · f(x) · direction`` only where the feature fires (α = −1 removes it) instead."""
 
     @property
     def vector(self) -> Tensor:
-        """The vector added at every position."""
+        """The vector added at every position (ungated steering)."""
         return self.direction * (self.alpha * self.scale)
 
 
@@ -61,19 +100,26 @@ def _check_finite(direction: Tensor, alpha: float, scale: float) -> None:
 
 @contextmanager
 def steer(
-    model: nn.Module, layer_index: int, direction: Tensor, alpha: float, scale: float = 1.0
+    model: nn.Module,
+    layer_index: int,
+    direction: Tensor,
+    alpha: float,
+    scale: float = 1.0,
+    *,
+    gate: FeatureGate | None = None,
 ) -> Iterator[Steering]:
     """Add ``alpha · scale · direction`` to the output of decoder block ``layer_index`` at every position.
 
-    The hook is removed when the ``with`` block ends, also when it raises. A forward pass whose steered
-    activations become non-finite raises :class:`SteeringError` instead of returning garbage.
+    With a ``gate``, add ``alpha · f(x) · direction`` instead, where ``f(x)`` is the gated feature's activation
+    at that position (zero where it does not fire). The hook is removed when the ``with`` block ends, also
+    when it raises. Steered activations that become non-finite raise :class:`SteeringError`.
     """
     _check_finite(direction, alpha, scale)
     layers = find_decoder_layers(model).layers
     if not 0 <= layer_index < len(layers):
         raise SteeringError(f"layer {layer_index} is out of range: the model has {len(layers)} decoder blocks")
-    spec = Steering(layer_index, direction.detach(), float(alpha), float(scale))
-    vector = spec.vector
+    spec = Steering(layer_index, direction.detach(), float(alpha), float(scale), gate)
+    vector = spec.vector if gate is None else spec.direction * spec.alpha
 
     def add(_module: nn.Module, _args: Any, output: Any) -> Any:
         hidden = block_hidden_state(output)
@@ -82,7 +128,10 @@ def steer(
                 f"steering vector has {vector.shape[0]} dimensions but layer {layer_index} outputs "
                 f"{hidden.shape[-1]}; was the direction taken from the other model's decoder?"
             )
-        steered = hidden + vector.to(device=hidden.device, dtype=hidden.dtype)
+        delta = vector.to(device=hidden.device, dtype=hidden.dtype)
+        if gate is not None:
+            delta = gate.activation(hidden).to(hidden.dtype) * delta
+        steered = hidden + delta
         if not torch.isfinite(steered).all():
             raise SteeringError(
                 f"steering coefficient α={alpha} produced non-finite activations at layer {layer_index}; "
@@ -108,7 +157,7 @@ def _maybe_steer(model: nn.Module, steering: Steering | None) -> Iterator[None]:
     if steering is None:
         yield
         return
-    with steer(model, steering.layer_index, steering.direction, steering.alpha, steering.scale):
+    with steer(model, steering.layer_index, steering.direction, steering.alpha, steering.scale, gate=steering.gate):
         yield
 
 
@@ -140,22 +189,27 @@ def next_token_logprobs(model: nn.Module, prompts: list[Tensor], steering: Steer
     return out
 
 
-def _kl(steered: list[Tensor], base: list[Tensor]) -> float:
-    """Mean over prompts of the per-position mean ``KL(steered || base)``."""
-    per_prompt = [(s.exp() * (s - b)).sum(-1).clamp_min(0).mean() for s, b in zip(steered, base, strict=True)]
-    return float(torch.stack(per_prompt).mean())
+def _kl(steered: list[Tensor], base: list[Tensor], last_only: bool = False) -> float:
+    """Mean over prompts of the per-position mean ``KL(steered || base)`` (or of the last position's)."""
+    per_position = [(s.exp() * (s - b)).sum(-1).clamp_min(0) for s, b in zip(steered, base, strict=True)]
+    return float(torch.stack([kl[-1] if last_only else kl.mean() for kl in per_position]).mean())
 
 
-def _mean_delta(steered: list[Tensor], base: list[Tensor], last_only: bool = False) -> Tensor:
+def mean_logprob_delta(steered: list[Tensor], base: list[Tensor], last_only: bool = False) -> Tensor:
     """``[vocab]`` mean change of log-probabilities over positions (or last positions) of all prompts."""
     rows = [(s - b)[-1:] if last_only else (s - b) for s, b in zip(steered, base, strict=True)]
     return torch.cat(rows).mean(0)
 
 
-def next_token_kl(model: nn.Module, tokenizer: Any | None, prompts: Prompts, steering: Steering) -> float:
-    """``KL(steered ‖ unsteered)`` of the next-token distribution, averaged over positions, then prompts."""
+def next_token_kl(
+    model: nn.Module, tokenizer: Any | None, prompts: Prompts, steering: Steering, *, last_only: bool = False
+) -> float:
+    """``KL(steered ‖ unsteered)`` of the next-token distribution, averaged over positions, then prompts.
+
+    ``last_only`` scores just each prompt's final position, e.g. a context cut right after a feature fired.
+    """
     ids = encode_prompts(tokenizer, prompts)
-    return _kl(next_token_logprobs(model, ids, steering), next_token_logprobs(model, ids))
+    return _kl(next_token_logprobs(model, ids, steering), next_token_logprobs(model, ids), last_only)
 
 
 class LogprobChange(NamedTuple):
@@ -183,7 +237,7 @@ def logprob_change(
     """Mean change of the log-probability of ``token_ids`` as the next token (every position, or the last)."""
     ids = encode_prompts(tokenizer, prompts)
     chosen = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
-    delta = _mean_delta(next_token_logprobs(model, ids, steering), next_token_logprobs(model, ids), last_only)
+    delta = mean_logprob_delta(next_token_logprobs(model, ids, steering), next_token_logprobs(model, ids), last_only)
     return LogprobChange(chosen, delta[chosen])
 
 
@@ -250,8 +304,12 @@ def steering_sweep(
     promoted_token_ids: Sequence[int] | Tensor | None = None,
     probe_prompts: Sequence[str] = (),
     max_new_tokens: int = 20,
+    gate: FeatureGate | None = None,
 ) -> SteeringSweep:
-    """Steer with each ``α`` in turn; record KL on feature and neutral prompts, Δlog-prob and continuations."""
+    """Steer with each ``α`` in turn; record KL on feature and neutral prompts, Δlog-prob and continuations.
+
+    With a ``gate`` each ``α`` scales the feature's own activation where it fires (``s_max`` is then unused).
+    """
     for alpha in alphas:  # fail before the first forward pass, not halfway through a sweep
         _check_finite(direction, float(alpha), s_max)
     feature_ids, neutral_ids = encode_prompts(tokenizer, feature_prompts), encode_prompts(tokenizer, neutral_prompts)
@@ -260,11 +318,11 @@ def steering_sweep(
     unsteered = greedy_continuations(model, tokenizer, probe_prompts, max_new_tokens) if probe_prompts else []
     points: list[SweepPoint] = []
     for alpha in alphas:
-        spec = Steering(layer_index, direction, float(alpha), float(s_max))
+        spec = Steering(layer_index, direction, float(alpha), float(s_max), gate)
         steered_feature = next_token_logprobs(model, feature_ids, spec)
         change = None
         if promoted is not None and promoted.numel():
-            change = float(_mean_delta(steered_feature, base_feature)[promoted].mean())
+            change = float(mean_logprob_delta(steered_feature, base_feature)[promoted].mean())
         points.append(
             SweepPoint(
                 alpha=float(alpha),

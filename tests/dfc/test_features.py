@@ -94,7 +94,8 @@ def test_top_contexts_are_the_true_top_activations_capped_per_document(per_docum
         sample = scan.contexts.sample.get(f, [])
         top_rows = {r.position_a for r in got}
         assert len(sample) == min(4, int((acts[:, f] > 0).sum()) - len(got))
-        assert all(r.position_a not in top_rows and acts[r.position_a, f] == pytest.approx(r.activation) for r in sample)
+        assert all(r.position_a not in top_rows for r in sample)
+        assert [r.activation for r in sample] == pytest.approx([float(acts[r.position_a, f]) for r in sample])
 
 
 def test_context_record_marks_the_token_and_keeps_the_spaces():
@@ -157,7 +158,7 @@ def test_ranking_puts_strong_frequent_truly_exclusive_features_first_and_explain
     ranking = rank_features([0, 1, 2, 3], stats, latent_scaling=nu)
     assert ranking.top(1) == [0] and ranking.rank_of(1) > 1 and ranking.rank_of(2) > 1
     harsh = rank_features([0, 1, 2, 3], stats, latent_scaling=nu, weights=RankingWeights(latent_scaling_penalty=3))
-    assert harsh.top(3) == [0, 1, 3] and harsh.rank_of(2) == 4  # failing LS is penalised, never dropped
+    assert harsh.top(4) == [0, 1, 2, 3]  # failing LS is penalised below weak features, never dropped
     first, failing = ranking.features[0], next(f for f in ranking.features if f.feature == 2)
     assert first.passes_latent_scaling is True and failing.passes_latent_scaling is False
     weak = next(f for f in ranking.features if f.feature == 1)
@@ -166,7 +167,7 @@ def test_ranking_puts_strong_frequent_truly_exclusive_features_first_and_explain
     assert first.score == pytest.approx(first.strength + 0.5 * first.frequency)
     assert failing.score == pytest.approx(first.score - 1.0)
     never = next(f for f in ranking.features if f.feature == 3)
-    assert never.frequency == 0.0 and never.rank == 4
+    assert never.frequency == 0.0 and never.rank == 4 and never.passes_latent_scaling is None  # dead: last
     assert ranking.to_dict()["features"][0]["nu_eps"] == pytest.approx(0.05)
 
 

@@ -14,6 +14,7 @@ from dfc.config import CrosscoderConfig
 from dfc.crosscoder import Crosscoder
 from dfc.hooks import find_decoder_layers
 from dfc.steering import (
+    FeatureGate,
     Steering,
     SteeringError,
     greedy_continuations,
@@ -146,3 +147,26 @@ def test_transfer_rejects_a_vector_of_the_wrong_width():
     model, _ = _hand_built_dfc()
     with pytest.raises(ValueError, match="dimensions"):
         transfer_steering_vector(model, torch.ones(5))
+
+
+def test_gated_steering_acts_only_where_the_feature_fires(llama):
+    model, tok = llama
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    base = _logits(model, tok, PROMPTS[0])
+    silent = FeatureGate(torch.zeros(model.config.hidden_size), bias=-1.0, threshold=0.0)
+    with steer(model, 1, direction, -3.0, gate=silent):
+        assert torch.equal(_logits(model, tok, PROMPTS[0]), base)
+    always_one = FeatureGate(torch.zeros(model.config.hidden_size), bias=1.0, threshold=0.5)
+    with steer(model, 1, direction, -3.0, gate=always_one):
+        gated = _logits(model, tok, PROMPTS[0])
+    with steer(model, 1, direction, -3.0, scale=1.0):
+        torch.testing.assert_close(gated, _logits(model, tok, PROMPTS[0]))
+
+
+def test_only_exclusive_features_can_be_gated():
+    model, shared = _hand_built_dfc()
+    b_only = model.config.b_only_features.start
+    gate = FeatureGate.of(model, b_only)
+    torch.testing.assert_close(gate.encoder, model.w_enc_b[b_only - model.b_offset].detach() * 4.0)
+    with pytest.raises(ValueError, match="not exclusive"):
+        FeatureGate.of(model, shared[0])
