@@ -127,10 +127,12 @@ def latent_scaling(
 
     For model m with a decoder ``d`` for feature j, ``β = dᵀ Σ f_j y / (‖d‖² Σ f_j²)`` (the paper's
     formula). Across architectures a feature exclusive to one model has no decoder in the other's
-    space, so there ``β`` uses the least-squares direction ``v = Σ f_j y / Σ f_j²`` and reports
-    ``‖v‖ / ‖d_owner‖`` — how strongly the other model's target moves with the feature, on the
-    common normalised scale. ``owners`` defaults to A for A-only features, B for B-only, and
-    the model with the larger decoder norm for shared ones.
+    space, so there ``β`` uses the least-squares slope ``v = Cov(f_j, y) / Var(f_j)`` over all
+    tokens (with an intercept, so a constant such as the decoder bias does not count as the
+    feature) and reports ``‖v‖ / ‖d_owner‖`` — how strongly the other model's target moves with
+    the feature, on the common normalised scale. ``owners`` defaults to A for A-only features, B for
+    B-only, and the model with the larger decoder norm for shared ones. A feature that never fired
+    has no ``β``: its ratios are NaN, never a spurious "exclusive" 0.
     """
     feats = torch.as_tensor(features, dtype=torch.long)
     c = model.config
@@ -148,6 +150,10 @@ def latent_scaling(
         if d_b is not None:
             dec_b[i] = d_b
     sum_f2 = torch.zeros(n, dtype=torch.float64)
+    sum_f = torch.zeros(n, dtype=torch.float64)
+    sum_y = {key: torch.zeros(d, dtype=torch.float64) for key, d in (("a", c.d_a), ("b", c.d_b))}
+    sum_err = {key: torch.zeros(d, dtype=torch.float64) for key, d in (("a", c.d_a), ("b", c.d_b))}
+    n_tokens = 0
     # Σ f_j · target for the four targets (reconstruction minus own term; error plus own term).
     fy = {
         key: torch.zeros(n, d, dtype=torch.float64)
@@ -166,24 +172,35 @@ def latent_scaling(
         slot = position[out.features.cols.cpu()[sel]]
         f = out.features.values.detach().cpu()[sel].double()
         sum_f2.index_add_(0, slot, f * f)
+        sum_f.index_add_(0, slot, f)
+        n_tokens += x_a.shape[0]
         recon = {"a": out.recon_a.cpu().double(), "b": out.recon_b.cpu().double()}
         err = {"a": (x_a.cpu().double() - recon["a"]), "b": (x_b.cpu().double() - recon["b"])}
         own = {"a": dec_a.double()[slot] * f[:, None], "b": dec_b.double()[slot] * f[:, None]}
         for m in ("a", "b"):
+            sum_y[m] += recon[m].sum(0)
+            sum_err[m] += err[m].sum(0)
             fy[f"r_{m}"].index_add_(0, slot, f[:, None] * (recon[m][rows] - own[m]))
             fy[f"e_{m}"].index_add_(0, slot, f[:, None] * (err[m][rows] + own[m]))
     safe = sum_f2.clamp_min(1e-12)
     owner_dec_norm = torch.where(owner == 0, dec_a.norm(dim=1), dec_b.norm(dim=1)).double().clamp_min(1e-12)
 
-    def beta(target: Tensor, dec: Tensor) -> Tensor:
+    total = max(n_tokens, 1)
+    variance = (sum_f2 - sum_f.pow(2) / total).clamp_min(1e-12)
+
+    def beta(target: Tensor, dec: Tensor, target_sum: Tensor) -> Tensor:
         dec = dec.double()
         has = dec.norm(dim=1) > 0
         projected = (dec * target).sum(1) / (dec.pow(2).sum(1).clamp_min(1e-12) * safe)
-        free = (target / safe[:, None]).norm(dim=1) / owner_dec_norm
-        return torch.where(has, projected, free).float()
+        # No decoder in this model: the feature's own term is zero, so the target is the same for
+        # every feature and a centred regression slope is well defined.
+        covariance = target - sum_f[:, None] * target_sum[None, :] / total
+        free = (covariance / variance[:, None]).norm(dim=1) / owner_dec_norm
+        value = torch.where(has, projected, free)
+        return torch.where(sum_f2 > 0, value, torch.full_like(value, float("nan"))).float()
 
-    b_r_a, b_r_b = beta(fy["r_a"], dec_a), beta(fy["r_b"], dec_b)
-    b_e_a, b_e_b = beta(fy["e_a"], dec_a), beta(fy["e_b"], dec_b)
+    b_r_a, b_r_b = beta(fy["r_a"], dec_a, sum_y["a"]), beta(fy["r_b"], dec_b, sum_y["b"])
+    b_e_a, b_e_b = beta(fy["e_a"], dec_a, sum_err["a"]), beta(fy["e_b"], dec_b, sum_err["b"])
 
     def ratio(a: Tensor, b: Tensor) -> Tensor:
         other, mine = torch.where(owner == 0, b, a), torch.where(owner == 0, a, b)

@@ -74,3 +74,19 @@ def test_evaluate_refuses_an_empty_stream():
     model, _ = one_feature_dfc()
     with pytest.raises(ValueError, match="no batches"):
         evaluate(model, [])
+
+
+def test_latent_scaling_ignores_a_constant_offset_in_the_other_model():
+    # A decoder bias in A is the same for every token; it must not read as A "carrying" the feature.
+    model, j = one_feature_dfc()
+    with torch.no_grad():
+        model.b_dec_a.fill_(5.0)
+    result = latent_scaling(model, batches(a_carries_it=False), [j], normalized=True)
+    assert float(result.nu_r[0]) < 0.2 and float(result.nu_eps[0]) < 0.2
+
+
+def test_a_feature_that_never_fired_has_no_latent_scaling_ratio():
+    model, _ = one_feature_dfc()
+    silent = model.config.b_only_features.start + 1
+    result = latent_scaling(model, batches(a_carries_it=False), [silent], normalized=True)
+    assert torch.isnan(result.nu_eps[0]) and torch.isnan(result.nu_r[0])
