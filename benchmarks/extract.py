@@ -93,7 +93,7 @@ def main() -> None:
         trainer = trainer_for(d_a, d_b, args.threads)
         fixed = next(iter(reader))
         trainer.step(*fixed)
-        steps = 8
+        steps = 40
         start = time.perf_counter()
         for _ in range(steps):
             trainer.step(*fixed)
