@@ -270,11 +270,9 @@ def demo_spec(pair: Any, corpus_path: Path, token_budget: int) -> AuditSpec:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``dfc-audit demo``: build (or reuse) the planted pair, write its audit corpus, audit B against A."""
-    import torch
-
     from workers.planted import PlantedPairConfig, build_planted_pair, planted_corpus_documents
 
-    torch.set_num_threads(1)  # tiny matrices: one thread is as fast and does not fight Ray's workers
+    # build_planted_pair trains single-threaded itself; the stages set their own threads in their actors.
     started = time.monotonic()
     cache = Path(os.environ.get("DFC_CACHE") or "~/.cache/dfc-audit").expanduser() / "planted"
     print(f"planted pair: {cache} (trained on first use, about a minute on a CPU)")
