@@ -45,6 +45,8 @@ class AlignmentResult:
     kept_token_fraction: float
     failures: list[dict[str, Any]]
     """The first few sequences that did not align to the end, with where and why they stopped."""
+    unpaired_documents: int = 0
+    """Documents at the end of one model's stream that the other never reached (per-model token budgets)."""
 
 
 def _shard_starts(reader: ShardReader) -> list[int]:
@@ -79,7 +81,9 @@ def align_activations(
 ) -> AlignmentResult:
     """Pair the token positions of two extracted models and store the paired index under ``out_prefix``.
 
-    ``text_of(doc_id)`` returns the text both models' character offsets refer to.
+    ``text_of(doc_id)`` returns the text both models' character offsets refer to. Both streams must
+    hold the same documents in the same order; where a per-model token budget stopped one model a few
+    documents earlier, the other's extra documents are left unpaired and counted.
     """
     reader_a, reader_b = ShardReader(store, prefix_a), ShardReader(store, prefix_b)
     docs_b = _iter_docs(reader_b)
@@ -87,8 +91,12 @@ def align_activations(
     pairs_b: list[Tensor] = []
     alignments: list[SequenceAlignment] = []
     failures: list[dict[str, Any]] = []
+    unpaired = 0
     for doc_id, start_a, shard_a, rows_a in _iter_docs(reader_a):
         doc_b, start_b, shard_b, rows_b = next(docs_b, (None, 0, None, None))
+        if doc_b is None:  # B's budget ran out first
+            unpaired += 1
+            continue
         if doc_b != doc_id or shard_b is None or rows_b is None:
             raise ValueError(
                 f"document order differs between {prefix_a} and {prefix_b} (doc {doc_id} vs {doc_b}); "
@@ -109,8 +117,7 @@ def align_activations(
             failures.append({"doc_id": doc_id, "stopped_at_a": alignment.stopped_at_a, "why": alignment.first_mismatch})
         pairs_a.append(start_a + rows_a[alignment.positions_a])
         pairs_b.append(start_b + rows_b[alignment.positions_b])
-    if next(docs_b, None) is not None:
-        raise ValueError(f"{prefix_b} has more documents than {prefix_a}; both must come from the same corpus")
+    unpaired += sum(1 for _ in docs_b)  # A's budget ran out first
     a = torch.cat(pairs_a) if pairs_a else torch.empty(0, dtype=torch.long)
     b = torch.cat(pairs_b) if pairs_b else torch.empty(0, dtype=torch.long)
     if a.numel() == 0:
@@ -125,6 +132,7 @@ def align_activations(
         aligned_sequence_fraction=summary.aligned_sequence_fraction,
         kept_token_fraction=summary.kept_token_fraction,
         failures=failures,
+        unpaired_documents=unpaired,
     )
     store.put_json(
         f"{out_prefix.rstrip('/')}/{SUMMARY_NAME}", asdict(result) | {"prefix_a": prefix_a, "prefix_b": prefix_b}

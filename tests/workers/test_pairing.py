@@ -118,3 +118,15 @@ def test_median_norms_of_the_stream(paired_store):
     reader = PairedActivations(store, "act/a", "act/b", result.pairs_key, batch_size=64, shuffle_buffer=128)
     n_a, n_b = median_norms(iter(reader), n_batches=2)
     assert n_a > 0 and n_b > 0
+
+
+@pytest.mark.parametrize("shorter", ["a", "b"])
+def test_documents_one_budget_did_not_reach_are_left_unpaired_and_counted(object_store, shorter):
+    texts = make_texts(10)
+    fewer = dict(list(texts.items())[:7])
+    write_model(object_store, "u/a", fewer if shorter == "a" else texts, words, d=4, per_shard=50)
+    write_model(object_store, "u/b", fewer if shorter == "b" else texts, pieces, d=4, per_shard=50)
+    result = align_activations(object_store, "u/a", "u/b", texts.__getitem__, "u/al")
+    assert result.unpaired_documents == 3
+    assert result.sequences == 7
+    assert result.n_pairs == sum(len(words(t)) for t in fewer.values())
