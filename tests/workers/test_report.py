@@ -284,3 +284,14 @@ def test_feature_report_models_accept_optional_evidence_left_out() -> None:
     assert isinstance(bare.features_b[0], FeatureReport) and bare.features_b[0].explanation is None
     page = render_html(bare.model_copy(update={"steering_transfer": None}))
     assert "Steering was not run for this feature." in page and "not computed" in page
+
+
+def test_a_report_with_no_exclusive_features_for_a_model_still_renders():
+    # A standard crosscoder can find nothing exclusive to a model; the page must say so, not crash.
+    from workers.report.fixtures import example_report
+    from workers.report.html import render_html
+    from workers.report.plots import frequency_score_plot
+
+    report = example_report().model_copy(update={"features_a": []})
+    assert frequency_score_plot(report).startswith("data:image/")  # raised "Data cannot be log-scaled"
+    assert 'id="feature-b-' in render_html(report)

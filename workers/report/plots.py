@@ -69,7 +69,10 @@ def frequency_score_plot(report: AuditReport, label_top: int = 5) -> str:
         for f in features[:label_top]:
             ax.annotate(f"#{f.rank} {f.index}", (max(f.stats.frequency, 1e-7), f.score), fontsize=7,
                         xytext=(4, 2), textcoords="offset points")
-        ax.set_xscale("log")
+        if features:  # a log axis needs data; an empty panel says so instead
+            ax.set_xscale("log")
+        else:
+            ax.text(0.5, 0.5, "no exclusive features", ha="center", va="center", transform=ax.transAxes, fontsize=9)
         ax.set_title(f"exclusive to {owner}: {report.model(owner).id}", fontsize=9, color=COLORS[owner])
         ax.set_xlabel("frequency (share of tokens, log)", fontsize=9)
         if features:
