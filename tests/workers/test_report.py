@@ -295,3 +295,9 @@ def test_a_report_with_no_exclusive_features_for_a_model_still_renders():
     report = example_report().model_copy(update={"features_a": []})
     assert frequency_score_plot(report).startswith("data:image/")  # raised "Data cannot be log-scaled"
     assert 'id="feature-b-' in render_html(report)
+
+
+def test_token_counts_read_at_a_glance_at_every_scale():
+    from workers.report.html import _count
+
+    assert [_count(n) for n in (512, 131_049, 2_400_000, 100_000_000)] == ["512", "131k", "2.4 M", "100 M"]

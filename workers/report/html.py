@@ -146,7 +146,7 @@ def _summary(report: AuditReport) -> str:
         tiles.append(_tile(f'<span class="{owner.lower()}">{passed}</span> / {len(features)}',
                            f"{owner}-exclusive features passing the checks"))
     tiles.append(_tile(f"{report.alignment.kept_token_fraction:.1%}", "tokens aligned across tokenizers"))
-    tiles.append(_tile(f"{t.tokens / 1e6:,.0f} M", f"token pairs, {c.steps:,} steps"))
+    tiles.append(_tile(_count(t.tokens), f"token pairs, {c.steps:,} steps"))
     warnings = "".join(f"<li>{esc(w)}</li>" for w in report.warnings)
     return (f'<section id="summary"><h2>Summary</h2><div class="tiles">{"".join(tiles)}</div>'
             + (f'<ul class="warn">{warnings}</ul>' if warnings else "") + "</section>")
@@ -291,3 +291,14 @@ def render_html(report: AuditReport, top_n: int = DEFAULT_TOP_N) -> str:
 {_details(report)}
 </main><script>{_JS}</script></body></html>
 """
+
+
+def _count(n: int) -> str:
+    """A token count at a glance: 131k, 2.4 M, 100 M (never "0 M" for a small audit)."""
+    if n >= 10_000_000:
+        return f"{n / 1e6:,.0f} M"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f} M"
+    if n >= 1_000:
+        return f"{n / 1e3:,.0f}k"
+    return f"{n:,}"
