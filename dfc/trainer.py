@@ -16,7 +16,6 @@ from torch import Tensor
 
 from dfc.config import CrosscoderConfig
 from dfc.crosscoder import Crosscoder, EncoderScores
-from dfc.sparse import SparseFeatures, sparse_decode
 from dfc.train_config import StepMetrics, TrainConfig, TrainResult
 
 __all__ = [
@@ -193,16 +192,8 @@ class Trainer:
         rows, cols = rows[keep], cols[keep]
         order = torch.sort(rows * self.model.config.n_features + cols).indices
         rows, cols = rows[order], cols[order]
-        aux_features: SparseFeatures = self.model.gather(scores, rows, cols, x_a, x_b)
-        model = self.model
-        c = model.config
-        in_a = cols < len(c.features_a)
-        in_b = cols >= model.b_offset
-        batch = pre.shape[0]
-        aux_a = sparse_decode(aux_features.values[in_a], rows[in_a], cols[in_a], model.w_dec_a, batch)
-        aux_b = sparse_decode(
-            aux_features.values[in_b], rows[in_b], cols[in_b] - model.b_offset, model.decoder_b(), batch
-        )
+        aux_features = self.model.gather(scores, rows, cols, x_a, x_b)
+        aux_a, aux_b = self.model.decode(aux_features, with_bias=False)
         loss = torch.zeros((), device=pre.device)
         for res, rec in ((res_a, aux_a), (res_b, aux_b)):
             variance = (res - res.mean(0)).pow(2).sum().clamp_min(1e-12)
