@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from dfc.features import PairedTokens
 from dfc.metrics import LatentScaling
 from dfc.ranking import RankingWeights
 from workers.loading import trusted_models_from_env
-from workers.pairing import _shard_starts, load_pairs
+from workers.pairing import ShardedPairs, _shard_starts, load_pairs
 from workers.report.schema import (
     AlignmentSummary,
     AuditReport,
@@ -104,47 +103,28 @@ class OrderedPairs:
     ) -> None:
         if len(pairs_a) != len(pairs_b) or len(pairs_a) == 0:
             raise ValueError(f"need equally many pairs for both models, got {len(pairs_a)} and {len(pairs_b)}")
-        self.reader_a = ShardReader(store, prefix_a, verify=verify)
-        self.reader_b = ShardReader(store, prefix_b, verify=verify)
-        self.pairs_a, self.pairs_b, self.batch_size = pairs_a.long(), pairs_b.long(), batch_size
-        self.starts_a = torch.tensor([*_shard_starts(self.reader_a), self.reader_a.manifest.n_tokens])
-        self.starts_b = torch.tensor([*_shard_starts(self.reader_b), self.reader_b.manifest.n_tokens])
-        self.shard_of_a = torch.searchsorted(self.starts_a, self.pairs_a, right=True) - 1
-        self.shard_of_b = torch.searchsorted(self.starts_b, self.pairs_b, right=True) - 1
+        self.index = ShardedPairs(store, prefix_a, prefix_b, pairs_a, pairs_b, verify=verify, b_cache_shards=2)
+        self.reader_a, self.reader_b = self.index.reader_a, self.index.reader_b
+        self.batch_size = batch_size
 
     def __len__(self) -> int:
         """Number of batches one iteration yields."""
-        counts = torch.bincount(self.shard_of_a)
-        return int(sum(math.ceil(int(c) / self.batch_size) for c in counts if c > 0))
+        return sum(math.ceil(len(mine) / self.batch_size) for mine in self.index.by_shard)
 
     @property
     def n_pairs(self) -> int:
-        return len(self.pairs_a)
+        return len(self.index.pairs_a)
 
     def __iter__(self) -> Iterator[PairedTokens]:
-        cache: OrderedDict[int, Tensor] = OrderedDict()  # B shards: pairs are monotone, so two suffice
-
-        def b_activations(j: int) -> Tensor:
-            if j not in cache:
-                cache[j] = self.reader_b.load(j).activations
-                while len(cache) > 2:
-                    cache.popitem(last=False)
-            return cache[j]
-
-        for i in torch.unique(self.shard_of_a).tolist():
-            mine = (self.shard_of_a == i).nonzero().squeeze(1)
-            shard = self.reader_a.load(i)
-            rows = self.pairs_a[mine] - self.starts_a[i]
-            x_a, docs = shard.activations[rows], shard.doc_ids[rows].long()
-            x_b = torch.empty(len(mine), self.reader_b.manifest.d_model, dtype=x_a.dtype)
-            for j in torch.unique(self.shard_of_b[mine]).tolist():
-                sel = self.shard_of_b[mine] == j
-                x_b[sel] = b_activations(j)[self.pairs_b[mine][sel] - self.starts_b[j]]
-            for s in range(0, len(mine), self.batch_size):
-                e = s + self.batch_size
-                yield PairedTokens(
-                    x_a[s:e].float(), x_b[s:e].float(), docs[s:e], self.pairs_a[mine][s:e], self.pairs_b[mine][s:e]
-                )
+        pairs_a, pairs_b = self.index.pairs_a, self.index.pairs_b
+        for i in range(len(self.index.by_shard)):  # shard order is corpus order
+            rows = self.index.rows(i)
+            if rows is None:
+                continue
+            for s in range(0, len(rows.pairs), self.batch_size):
+                e, mine = s + self.batch_size, rows.pairs[s : s + self.batch_size]
+                x_a, x_b = rows.x_a[s:e].float(), rows.x_b[s:e].float()
+                yield PairedTokens(x_a, x_b, rows.doc_ids[s:e], pairs_a[mine], pairs_b[mine])
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -162,6 +162,73 @@ def load_pairs(store: ObjectStore, pairs_key: str) -> tuple[Tensor, Tensor]:
     return tensors["a"], tensors["b"]
 
 
+class PairedRows(NamedTuple):
+    """The pairs that fall in one of model A's shards, gathered from both models' shards."""
+
+    x_a: Tensor
+    x_b: Tensor
+    doc_ids: Tensor
+    """Document of each pair (from model A's shard)."""
+    pairs: Tensor
+    """Indices of these pairs in the paired index, in index (corpus) order."""
+
+
+class ShardedPairs:
+    """The paired index resolved against both models' shards, read one A shard at a time.
+
+    Pairs are grouped by A shard once, up front (a stable sort keeps corpus order inside a shard),
+    so reading a shard never scans the whole index; B shards come through a small LRU cache.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix_a: str,
+        prefix_b: str,
+        pairs_a: Tensor,
+        pairs_b: Tensor,
+        *,
+        verify: bool = True,
+        b_cache_shards: int = 3,
+    ) -> None:
+        self.reader_a = ShardReader(store, prefix_a, verify=verify)
+        self.reader_b = ShardReader(store, prefix_b, verify=verify)
+        self.pairs_a, self.pairs_b = pairs_a.long(), pairs_b.long()
+        self.starts_a = torch.tensor([*_shard_starts(self.reader_a), self.reader_a.manifest.n_tokens])
+        self.starts_b = torch.tensor([*_shard_starts(self.reader_b), self.reader_b.manifest.n_tokens])
+        shard_of_a = torch.searchsorted(self.starts_a, self.pairs_a, right=True) - 1
+        self.shard_of_b = torch.searchsorted(self.starts_b, self.pairs_b, right=True) - 1
+        order = torch.sort(shard_of_a, stable=True).indices
+        counts = torch.bincount(shard_of_a, minlength=len(self.reader_a))
+        self.by_shard: tuple[Tensor, ...] = torch.split(order, counts.tolist())
+        self.b_cache_shards = b_cache_shards
+        self._cache: OrderedDict[int, Tensor] = OrderedDict()
+
+    def _b_activations(self, j: int) -> Tensor:
+        if j in self._cache:
+            self._cache.move_to_end(j)
+            return self._cache[j]
+        self._cache[j] = self.reader_b.load(j).activations
+        while len(self._cache) > self.b_cache_shards:
+            self._cache.popitem(last=False)
+        return self._cache[j]
+
+    def rows(self, i: int) -> PairedRows | None:
+        """Both models' activations of the pairs in A shard ``i`` (``None`` when it holds none)."""
+        mine = self.by_shard[i]
+        if mine.numel() == 0:
+            return None
+        shard = self.reader_a.load(i)
+        local = self.pairs_a[mine] - self.starts_a[i]
+        x_a = shard.activations[local]
+        x_b = torch.empty(mine.numel(), self.reader_b.manifest.d_model, dtype=x_a.dtype)
+        shard_b = self.shard_of_b[mine]
+        for j in shard_b.unique().tolist():
+            sel = shard_b == j
+            x_b[sel] = self._b_activations(j)[self.pairs_b[mine][sel] - self.starts_b[j]]
+        return PairedRows(x_a, x_b, shard.doc_ids[local].long(), mine)
+
+
 class PairedActivations:
     """Iterable of raw ``(x_a, x_b)`` float32 batches for training, restartable and deterministic.
 
@@ -188,60 +255,37 @@ class PairedActivations:
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.reader_a = ShardReader(store, prefix_a, verify=verify)
-        self.reader_b = ShardReader(store, prefix_b, verify=verify)
-        self.pairs_a, self.pairs_b = load_pairs(store, pairs_key)
+        self.index = ShardedPairs(store, prefix_a, prefix_b, *load_pairs(store, pairs_key), verify=verify,
+                                  b_cache_shards=b_cache_shards)  # fmt: skip
         self.batch_size, self.shuffle_buffer = batch_size, max(shuffle_buffer, batch_size)
-        self.seed, self.prefetch, self.epochs, self.b_cache_shards = seed, prefetch, epochs, b_cache_shards
-        self.starts_a = torch.tensor([*_shard_starts(self.reader_a), self.reader_a.manifest.n_tokens])
-        self.starts_b = torch.tensor([*_shard_starts(self.reader_b), self.reader_b.manifest.n_tokens])
-        self.shard_of_a = torch.searchsorted(self.starts_a, self.pairs_a, right=True) - 1
-        self.shard_of_b = torch.searchsorted(self.starts_b, self.pairs_b, right=True) - 1
-        if len(self.pairs_a) < batch_size:
-            raise ValueError(f"only {len(self.pairs_a)} token pairs, fewer than one batch of {batch_size}")
+        self.seed, self.prefetch, self.epochs = seed, prefetch, epochs
+        if self.n_pairs < batch_size:
+            raise ValueError(f"only {self.n_pairs} token pairs, fewer than one batch of {batch_size}")
 
     @property
     def d_a(self) -> int:
-        return self.reader_a.manifest.d_model
+        return self.index.reader_a.manifest.d_model
 
     @property
     def d_b(self) -> int:
-        return self.reader_b.manifest.d_model
+        return self.index.reader_b.manifest.d_model
 
     @property
     def n_pairs(self) -> int:
-        return len(self.pairs_a)
+        return len(self.index.pairs_a)
 
     def batches_per_epoch(self) -> int:
         return self.n_pairs // self.batch_size
 
     def _units(self) -> Iterator[tuple[Tensor, Tensor]]:
         """Paired rows of one A shard at a time, shards in a seeded order per epoch."""
-        cache: OrderedDict[int, Tensor] = OrderedDict()
-
-        def b_activations(j: int) -> Tensor:
-            if j in cache:
-                cache.move_to_end(j)
-                return cache[j]
-            cache[j] = self.reader_b.load(j).activations
-            while len(cache) > self.b_cache_shards:
-                cache.popitem(last=False)
-            return cache[j]
-
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
-            order = torch.randperm(len(self.reader_a), generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = torch.randperm(len(self.index.by_shard), generator=torch.Generator().manual_seed(self.seed + epoch))
             for i in order.tolist():
-                mine = (self.shard_of_a == i).nonzero().squeeze(1)
-                if mine.numel() == 0:
-                    continue
-                acts_a = self.reader_a.load(i).activations
-                x_a = acts_a[self.pairs_a[mine] - self.starts_a[i]]
-                x_b = torch.empty(mine.numel(), self.d_b, dtype=acts_a.dtype)
-                for j in self.shard_of_b[mine].unique().tolist():
-                    sel = self.shard_of_b[mine] == j
-                    x_b[sel] = b_activations(j)[self.pairs_b[mine][sel] - self.starts_b[j]]
-                yield x_a, x_b
+                rows = self.index.rows(i)
+                if rows is not None:
+                    yield rows.x_a, rows.x_b
             epoch += 1
 
     def _prefetched(self) -> Iterator[tuple[Tensor, Tensor]]:
