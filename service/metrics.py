@@ -3,7 +3,9 @@
 Audit states, stage durations, tokens and steps are computed at scrape time from ``status.json`` files,
 so every API replica reports the same numbers and none has to watch the pipeline. A finished audit's
 status never changes, so it is read once and remembered; each scrape lists the audits and reads only the
-unfinished ones, and its result is reused for ``cache_s`` seconds. METRICS.md describes every metric.
+unfinished ones, and its result is reused for ``cache_s`` seconds. The last screening run (``dfc-audit
+screen``, a CronJob that exits after each pass) is read the same way from ``screening/latest.json``.
+METRICS.md describes every metric.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.screening_summary import ERROR_REASONS, LATEST_KEY, SKIP_REASONS, ScreeningSummary, read_latest
 from workers.status import STAGES, AuditState, AuditStatus, AuditStore
-from workers.storage import StorageError
+from workers.storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
 
 STAGE_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400)
 """Stage durations range from seconds (toy audits) to a day (paper-scale extraction)."""
 FINISHED = (AuditState.SUCCEEDED, AuditState.FAILED, AuditState.CANCELLED)
+OTHER_REASON = "other"
+"""The ``reason`` label of a reason this API does not know (a newer screener's), so the label set stays closed."""
 
 
 class AuditSummary(NamedTuple):
@@ -134,6 +139,100 @@ class StoreCollector(Collector):
         return family
 
 
+class ScreeningCollector(Collector):
+    """The last screening run's summary, read from the bucket on scrape and reused for ``cache_s`` seconds.
+
+    A scrape never fails because of it: an unreadable summary (storage down, a corrupt or foreign document)
+    gives ``dfc_screening_up 0`` and no other screening series, with one warning until it is readable again.
+    """
+
+    def __init__(self, store: ObjectStore, cache_s: float) -> None:
+        self.store, self.cache_s = store, cache_s
+        self._cached: tuple[float, list[Metric]] | None = None
+        self._failing = False
+        self._lock = threading.Lock()
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # as StoreCollector: registering must not read the bucket
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            if self._cached is not None and time.monotonic() - self._cached[0] < self.cache_s:
+                return self._cached[1]
+            metrics = self._scrape()
+            self._cached = (time.monotonic(), metrics)
+            return metrics
+
+    def _scrape(self) -> list[Metric]:
+        up = GaugeMetricFamily("dfc_screening_up", "1 if the last scrape could read the screening summary, else 0.")
+        try:
+            summary = read_latest(self.store)
+        except Exception as e:  # storage, JSON or schema errors alike: the scrape must still answer
+            if not self._failing:
+                log.warning(
+                    "metrics cannot read the screening summary %s (logged once until it recovers): %s", LATEST_KEY, e
+                )
+            self._failing = True
+            up.add_metric([], 0)
+            return [up]
+        if self._failing:
+            log.info("metrics can read the screening summary %s again", LATEST_KEY)
+        self._failing = False
+        up.add_metric([], 1)
+        return [up, *screening_families(summary)]
+
+
+def _by_reason(summary: ScreeningSummary, outcome: str, known: tuple[str, ...]) -> dict[str, int]:
+    """Results with ``outcome`` per reason: every known reason (0 if none), plus ``other`` only when non-zero."""
+    counts = dict.fromkeys(known, 0)
+    for m in summary.models:
+        if m.outcome == outcome:
+            reason = m.reason if m.reason in counts else OTHER_REASON
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def screening_families(summary: ScreeningSummary | None) -> list[Metric]:
+    """The screening metrics of one summary; before the first run (None) the timestamps are 0 and the rest empty."""
+    last_run = GaugeMetricFamily(
+        "dfc_screening_last_run_timestamp_seconds", "When the last screening run finished (Unix time; 0: never)."
+    )
+    last_success = GaugeMetricFamily(
+        "dfc_screening_last_success_timestamp_seconds",
+        "When the last screening run without errors finished (Unix time; 0: none recorded).",
+    )
+    success = GaugeMetricFamily("dfc_screening_last_run_success", "1 if the last screening run had no errors, else 0.")
+    duration = GaugeMetricFamily("dfc_screening_last_run_duration_seconds", "Wall time of the last screening run.")
+    seen = GaugeMetricFamily("dfc_screening_last_run_models_seen", "Models the last screening run looked at.")
+    submitted = GaugeMetricFamily(
+        "dfc_screening_last_run_models_submitted", "Models the last screening run submitted for audit."
+    )
+    skipped = GaugeMetricFamily(
+        "dfc_screening_last_run_models_skipped", "Models the last screening run skipped, by reason.", labels=["reason"]
+    )
+    errors = GaugeMetricFamily(
+        "dfc_screening_last_run_models_errors",
+        "Models the last screening run could not handle (retried next run), by reason.",
+        labels=["reason"],
+    )
+    families: list[Metric] = [last_run, last_success, success, duration, seen, submitted, skipped, errors]
+    if summary is None:
+        last_run.add_metric([], 0)
+        last_success.add_metric([], 0)
+        return families
+    finished = summary.finished_at or summary.started_at
+    last_run.add_metric([], finished.timestamp())
+    last_success.add_metric([], summary.last_success_at.timestamp() if summary.last_success_at else 0)
+    success.add_metric([], 1 if summary.succeeded else 0)
+    duration.add_metric([], (finished - summary.started_at).total_seconds())
+    seen.add_metric([], len(summary.models))
+    submitted.add_metric([], sum(m.outcome == "submitted" for m in summary.models))
+    for family, outcome, known in ((skipped, "skipped", SKIP_REASONS), (errors, "error", ERROR_REASONS)):
+        for reason, count in _by_reason(summary, outcome, known).items():
+            family.add_metric([reason], count)
+    return families
+
+
 class ServiceMetrics:
     """A registry of the app's own (so two apps in one process, e.g. in tests, never share counts)."""
 
@@ -158,6 +257,7 @@ class ServiceMetrics:
             "dfc_audit_cancel_requests", "Cancellations requested through this API process.", registry=self.registry
         )
         self.registry.register(StoreCollector(audits, cache_s))
+        self.registry.register(ScreeningCollector(audits.store, cache_s))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Record one answered request."""

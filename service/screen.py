@@ -8,7 +8,10 @@ and POST each survivor to the API with ``Idempotency-Key: screen:{model}@{sha}``
   after the entry's models were all handled, so a crash means a re-scan, never a missed model.
 - ``screening/claims/{model}@{sha}.json``: written with a conditional put before a POST, so concurrent
   runs never both submit a model; the API's idempotency key is the backstop if a claim is lost.
-- ``screening/runs/{timestamp}-{run}.json`` and ``screening/latest.json``: the run's summary.
+- ``screening/runs/{timestamp}-{run}.json`` and ``screening/latest.json``: the run's summary
+  (``service.screening_summary``), which the API's ``/metrics`` reads.
+
+The CLI (``main``) logs one line per pass: seen, submitted, skipped by reason, errors.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import logging
 import sys
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -29,8 +31,19 @@ import httpx
 from huggingface_hub import HfApi
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from huggingface_hub.hf_api import ModelInfo
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
+from service.screening_summary import LATEST_KEY as LATEST_KEY
+from service.screening_summary import (
+    ModelResult,
+    Outcome,
+    Reason,
+    ScreeningSummary,
+    SkipReason,
+    read_latest,
+    write_summary,
+)
+from service.screening_summary import latest_summary as latest_summary
 from service.watchlist import WatchEntry, WatchList, WatchListError, load_watch_list
 from workers.status import now
 from workers.storage import ObjectNotFound, ObjectStore, StorageError, open_store
@@ -38,57 +51,18 @@ from workers.storage import ObjectNotFound, ObjectStore, StorageError, open_stor
 log = logging.getLogger(__name__)
 
 WATERMARK_KEY = "screening/watermark.json"
-LATEST_KEY = "screening/latest.json"
 CLAIM_LEASE = dt.timedelta(hours=1)
 """A claim older than this that never became a submission (its run crashed) may be taken over."""
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 LIST_FIELDS = ["lastModified", "sha", "private", "gated"]
 INFO_FIELDS = ["sha", "lastModified", "private", "gated", "pipeline_tag", "config", "safetensors", "tags"]
 
-Outcome = Literal["submitted", "skipped", "error"]
 ClaimState = Literal["none", "submitted", "live", "stale"]
-TAKEN: dict[str, tuple[str, str]] = {
+TAKEN: dict[str, tuple[SkipReason, str]] = {
     "submitted": ("already_submitted", "this revision was submitted by an earlier or parallel run"),
     "live": ("in_progress", "another run claimed this revision and is submitting it"),
 }
 """Skip reason and detail for a revision whose claim another run holds."""
-
-
-class ModelResult(BaseModel):
-    """What happened to one model the run looked at."""
-
-    model: str
-    revision: str | None
-    watch: str = Field(description="The watch-list entry that matched.")
-    outcome: Outcome
-    reason: str | None = Field(None, description="Short code: not_causal_lm, too_large, gated, …")
-    detail: str | None = Field(None, description="A sentence for people.")
-    audit_id: str | None = None
-    parameters: int | None = None
-
-
-class ScreeningSummary(BaseModel):
-    """A run's summary: written to the bucket, printed, and logged."""
-
-    run_id: str
-    started_at: dt.datetime
-    finished_at: dt.datetime | None = None
-    dry_run: bool = False
-    counts: dict[str, int] = Field(default_factory=dict, description="seen, submitted, skipped, errors.")
-    skipped_by_reason: dict[str, int] = Field(default_factory=dict)
-    watermarks: dict[str, dict[str, str | None]] = Field(default_factory=dict, description="before/after.")
-    models: list[ModelResult] = Field(default_factory=list)
-
-    def tally(self) -> None:
-        """Recompute the counts from ``models``."""
-        outcomes = Counter(m.outcome for m in self.models)
-        self.counts = {
-            "seen": len(self.models),
-            "submitted": outcomes["submitted"],
-            "skipped": outcomes["skipped"],
-            "errors": outcomes["error"],
-        }
-        self.skipped_by_reason = dict(Counter(m.reason or "" for m in self.models if m.outcome == "skipped"))
 
 
 class SubmitError(Exception):
@@ -182,11 +156,18 @@ class Screener:
         summary.finished_at = self.clock()
         summary.tally()
         if self.submit is not None:
-            stamp = summary.started_at.strftime("%Y%m%dT%H%M%SZ")
-            document = summary.model_dump(mode="json")
-            self.store.put_json(f"screening/runs/{stamp}-{self.run_id}.json", document)
-            self.store.put_json(LATEST_KEY, document)
+            summary.last_success_at = summary.finished_at if summary.succeeded else self._previous_success()
+            write_summary(self.store, summary)
         return summary
+
+    def _previous_success(self) -> dt.datetime | None:
+        """When the last run without errors finished, as the stored latest summary says (None if unknown)."""
+        try:
+            previous = read_latest(self.store)
+        except ValidationError as e:  # a storage error is not caught: writing this summary would fail too
+            log.warning("the previous screening summary is unreadable, so the last success is unknown: %s", e)
+            return None
+        return previous.last_success_at if previous else None
 
     def _screen_entry(self, entry: WatchEntry, since: dt.datetime) -> tuple[list[ModelResult], dt.datetime | None]:
         """Handle the entry's models modified after ``since``; return the results and the newest time seen."""
@@ -219,7 +200,7 @@ class Screener:
         return results, newest
 
     @staticmethod
-    def _entry_result(entry: WatchEntry, outcome: Outcome, reason: str, detail: str) -> ModelResult:
+    def _entry_result(entry: WatchEntry, outcome: Outcome, reason: Reason, detail: str) -> ModelResult:
         """A result about the entry as a whole rather than one model."""
         return ModelResult(
             model=entry.key, revision=None, watch=entry.key, outcome=outcome, reason=reason, detail=detail
@@ -228,7 +209,9 @@ class Screener:
     def _screen_model(self, entry: WatchEntry, listed: ModelInfo) -> ModelResult:
         """Decide about one listed model and, if it passes, claim and submit it."""
 
-        def result(outcome: Outcome, reason: str | None = None, detail: str | None = None, **extra: Any) -> ModelResult:
+        def result(
+            outcome: Outcome, reason: Reason | None = None, detail: str | None = None, **extra: Any
+        ) -> ModelResult:
             return ModelResult(
                 model=listed.id,
                 revision=listed.sha,
@@ -331,14 +314,6 @@ class Screener:
         self.store.put_json(
             WATERMARK_KEY, {"entries": entries, "updated_at": self.clock().isoformat(), "run_id": self.run_id}
         )
-
-
-def latest_summary(store: ObjectStore) -> dict[str, Any] | None:
-    """The last run's summary (for metrics and status pages), or None before the first run."""
-    try:
-        return store.get_json(LATEST_KEY)
-    except ObjectNotFound:
-        return None
 
 
 def _parser() -> argparse.ArgumentParser:

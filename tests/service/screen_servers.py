@@ -5,10 +5,13 @@ The Hub answers the two routes ``huggingface_hub.HfApi`` calls, in the shapes th
 ``Link: <…>; rel="next"`` header, only ``_id``, ``id`` and the expanded fields per item) and
 ``GET /api/models/{org}/{name}/revision/{sha}`` (one model's info; gated ones without access answer 403 with
 ``X-Error-Code: GatedRepo``, unknown ones 404 with ``X-Error-Code: RepoNotFound``).
+
+``WATCH`` and ``populate`` are the watch list and the Hub's releases that the screening tests share.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -214,3 +217,40 @@ def hub_server(state: HubState) -> Any:
 def api_server(state: ApiState) -> Any:
     """Context manager: the recording audit API, yielding its base URL."""
     return serve(_api_handler(state))
+
+
+API_KEY = "screening-key-0123456789abcdef"
+NOW = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+WATCH = {
+    "defaults": {"max_parameters": "20B", "initial_since": "2026-01-01T00:00:00Z", "spec": {"token_budget": 50_000}},
+    "watch": [
+        {"pattern": "acme/*", "reference": "trusted/base-8b@0123456789abcdef0123456789abcdef01234567"},
+        {"pattern": "other/small-*", "reference": "trusted/base-8b", "spec": {"steering": {"enabled": False}}},
+    ],
+}
+
+
+def populate(hub: HubState) -> None:
+    """Releases of two organisations: two good causal LMs and one of each kind the screener must skip."""
+    hub.add(hub_model("acme/chat-7b", "2026-02-10T12:00:00.000Z"))
+    hub.add(hub_model("acme/chat-1b", "2026-02-09T08:30:00.000Z", architectures=["Qwen3ForCausalLM"], parameters=10**9))
+    hub.add(
+        hub_model(
+            "acme/encoder", "2026-02-08T00:00:00.000Z", architectures=["BertForMaskedLM"], pipeline_tag="fill-mask"
+        )
+    )
+    hub.add(
+        hub_model(
+            "acme/t5-xl",
+            "2026-02-07T00:00:00.000Z",
+            architectures=["T5ForConditionalGeneration"],
+            pipeline_tag="text2text-generation",
+        )
+    )
+    hub.add(hub_model("acme/giant-400b", "2026-02-06T00:00:00.000Z", parameters=400 * 10**9))
+    hub.add(hub_model("acme/gated-8b", "2026-02-05T00:00:00.000Z", gated="manual"))
+    hub.add(hub_model("acme/custom-3b", "2026-02-04T00:00:00.000Z", auto_map=True))
+    hub.add(hub_model("acme/gguf-only", "2026-02-03T00:00:00.000Z", parameters=None))
+    hub.add(hub_model("acme/ancient-1b", "2025-06-01T00:00:00.000Z"))  # before initial_since: never looked at
+    hub.add(hub_model("other/small-lm", "2026-02-02T00:00:00.000Z", parameters=5 * 10**8))
+    hub.add(hub_model("other/big-thing", "2026-02-11T00:00:00.000Z"))  # does not match other/small-*

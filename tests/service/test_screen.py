@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,44 +16,18 @@ from huggingface_hub import HfApi, constants
 
 from service.screen import LATEST_KEY, WATERMARK_KEY, AuditClient, Screener, ScreeningSummary, main
 from service.watchlist import WatchList, WatchListError, load_watch_list
-from tests.service.screen_servers import ApiState, HubState, api_server, hub_model, hub_server
+from tests.service.screen_servers import (
+    API_KEY,
+    NOW,
+    WATCH,
+    ApiState,
+    HubState,
+    api_server,
+    hub_model,
+    hub_server,
+    populate,
+)
 from workers.storage import LocalStore
-
-API_KEY = "screening-key-0123456789abcdef"
-NOW = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
-WATCH = {
-    "defaults": {"max_parameters": "20B", "initial_since": "2026-01-01T00:00:00Z", "spec": {"token_budget": 50_000}},
-    "watch": [
-        {"pattern": "acme/*", "reference": "trusted/base-8b@0123456789abcdef0123456789abcdef01234567"},
-        {"pattern": "other/small-*", "reference": "trusted/base-8b", "spec": {"steering": {"enabled": False}}},
-    ],
-}
-
-
-def populate(hub: HubState) -> None:
-    """Releases of two organisations: two good causal LMs and one of each kind the screener must skip."""
-    hub.add(hub_model("acme/chat-7b", "2026-02-10T12:00:00.000Z"))
-    hub.add(hub_model("acme/chat-1b", "2026-02-09T08:30:00.000Z", architectures=["Qwen3ForCausalLM"], parameters=10**9))
-    hub.add(
-        hub_model(
-            "acme/encoder", "2026-02-08T00:00:00.000Z", architectures=["BertForMaskedLM"], pipeline_tag="fill-mask"
-        )
-    )
-    hub.add(
-        hub_model(
-            "acme/t5-xl",
-            "2026-02-07T00:00:00.000Z",
-            architectures=["T5ForConditionalGeneration"],
-            pipeline_tag="text2text-generation",
-        )
-    )
-    hub.add(hub_model("acme/giant-400b", "2026-02-06T00:00:00.000Z", parameters=400 * 10**9))
-    hub.add(hub_model("acme/gated-8b", "2026-02-05T00:00:00.000Z", gated="manual"))
-    hub.add(hub_model("acme/custom-3b", "2026-02-04T00:00:00.000Z", auto_map=True))
-    hub.add(hub_model("acme/gguf-only", "2026-02-03T00:00:00.000Z", parameters=None))
-    hub.add(hub_model("acme/ancient-1b", "2025-06-01T00:00:00.000Z"))  # before initial_since: never looked at
-    hub.add(hub_model("other/small-lm", "2026-02-02T00:00:00.000Z", parameters=5 * 10**8))
-    hub.add(hub_model("other/big-thing", "2026-02-11T00:00:00.000Z"))  # does not match other/small-*
 
 
 @pytest.fixture(autouse=True)
@@ -215,14 +190,16 @@ def test_the_summary_is_written_to_the_bucket(hub, api, store) -> None:
     runs = list(store.list("screening/runs/"))
     assert runs == [f"screening/runs/20260301T000000Z-{summary.run_id}.json"]
     assert store.get_json(runs[0]) == store.get_json(LATEST_KEY) == summary.model_dump(mode="json")
+    assert summary.succeeded and summary.last_success_at == summary.finished_at == NOW
 
 
-def test_cli_runs_one_pass_from_the_environment(hub, api, tmp_path, monkeypatch, capsys) -> None:
+def test_cli_runs_one_pass_from_the_environment(hub, api, tmp_path, monkeypatch, capsys, caplog) -> None:
     (_, hf), (api_state, client) = hub, api
     watch_file = tmp_path / "watchlist.yaml"
     watch_file.write_text(yaml.safe_dump(WATCH))
     monkeypatch.setenv("DFC_STORE_URL", str(tmp_path / "cli-bucket"))
     monkeypatch.setenv("DFC_API_KEYS", f"{API_KEY},another-key-0123456789")
+    caplog.set_level(logging.INFO, logger="service.screen")
 
     code = main(
         [
@@ -240,6 +217,9 @@ def test_cli_runs_one_pass_from_the_environment(hub, api, tmp_path, monkeypatch,
     printed = json.loads(capsys.readouterr().out)
     assert printed["counts"]["submitted"] == 3 == len(api_state.posts)  # sent with the first DFC_API_KEYS key
     assert LocalStore(tmp_path / "cli-bucket").get_json(LATEST_KEY)["run_id"] == printed["run_id"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "service.screen"]
+    assert f"screening run {printed['run_id']}: 9 seen, 3 submitted, 6 skipped" in logged[-1]
+    assert "'not_causal_lm': 2" in logged[-1]
 
 
 def test_cli_reports_an_invalid_watch_list_as_a_configuration_error(tmp_path, monkeypatch, capsys) -> None:
