@@ -111,6 +111,11 @@ class LatentScaling(NamedTuple):
     nu_eps: Tensor
     owner: Tensor
     """0 where the feature is judged against B as the "other" model (A-owned), 1 where B owns it."""
+    same_space: Tensor | None = None
+    """Per feature: the other model has a decoder for it, so its ``β`` are the paper's projections. False for
+    an exclusive feature of a DFC: there the other model's ``β`` is a centred regression slope, ``ν_ε`` lives
+    on another scale and ``ν_r``'s denominator vanishes for a cleanly exclusive feature (the owner's
+    reconstruction without the feature holds none of it), so ``ν_r`` is reported but not a test there."""
 
 
 @torch.no_grad()
@@ -206,4 +211,5 @@ def latent_scaling(
         other, mine = torch.where(owner == 0, b, a), torch.where(owner == 0, a, b)
         return other / mine.abs().clamp_min(1e-6)
 
-    return LatentScaling(feats, b_r_a, b_r_b, b_e_a, b_e_b, ratio(b_r_a, b_r_b), ratio(b_e_a, b_e_b), owner)
+    other_has = torch.where(owner == 0, dec_b.norm(dim=1) > 0, dec_a.norm(dim=1) > 0)
+    return LatentScaling(feats, b_r_a, b_r_b, b_e_a, b_e_b, ratio(b_r_a, b_r_b), ratio(b_e_a, b_e_b), owner, other_has)

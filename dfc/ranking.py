@@ -36,9 +36,22 @@ class RankingWeights:
     latent_scaling_penalty: float = 1.0
     """Subtracted from the score of a feature that fails the "truly exclusive" Latent Scaling test."""
     nu_eps_max: float = 0.2
-    """Latent Scaling ``ν_ε`` must be below this to pass (Minder et al.; SCIENCE.md §6)."""
+    """Latent Scaling ``ν_ε`` must be below this to pass (Minder et al.; SCIENCE.md §6), where the other model
+    has a decoder for the feature (the paper's same-space projection)."""
     nu_r_max: float = 0.5
-    """Latent Scaling ``ν_r`` must be below this to pass."""
+    """Latent Scaling ``ν_r`` must be below this to pass, where the other model has a decoder for the feature."""
+    nu_eps_max_cross: float = 1.0
+    """``ν_ε`` threshold for a feature the other model has no decoder for (a DFC's exclusive features): there
+    ``β`` is a centred regression slope of the other model's error on the feature, which also picks up the
+    context the feature fires in, so it reads higher than the projection. Below 1: the other model's
+    unexplained residual moves with the feature less than the owner's does (see README, Latent Scaling)."""
+    nu_r_max_cross: float | None = None
+    """``ν_r`` threshold for such a feature; None: not tested (its denominator vanishes for a cleanly
+    exclusive feature, so large values mean nothing there)."""
+
+    def thresholds(self, same_space: bool) -> tuple[float, float | None]:
+        """The ``(ν_ε, ν_r)`` thresholds for a feature; a None threshold is not tested."""
+        return (self.nu_eps_max, self.nu_r_max) if same_space else (self.nu_eps_max_cross, self.nu_r_max_cross)
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,10 @@ class RankedFeature:
     """None when Latent Scaling was not computed for it."""
     nu_eps: float | None
     nu_r: float | None
+    nu_eps_max: float | None = None
+    """The ``ν_ε`` threshold this feature was held to (None: Latent Scaling not computed)."""
+    nu_r_max: float | None = None
+    """The ``ν_r`` threshold it was held to (None: not tested, or not computed)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,11 +108,18 @@ def _lookup(values: Mapping[int, float] | None, feature: int) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _latent_scaling_table(ls: LatentScaling | None) -> tuple[dict[int, float], dict[int, float]] | None:
+def _latent_scaling_table(
+    ls: LatentScaling | None,
+) -> tuple[dict[int, float], dict[int, float], dict[int, bool]] | None:
     if ls is None:
         return None
     feats = ls.features.tolist()
-    return dict(zip(feats, ls.nu_eps.tolist(), strict=True)), dict(zip(feats, ls.nu_r.tolist(), strict=True))
+    same = ls.same_space.tolist() if ls.same_space is not None else [True] * len(feats)
+    return (
+        dict(zip(feats, ls.nu_eps.tolist(), strict=True)),
+        dict(zip(feats, ls.nu_r.tolist(), strict=True)),
+        dict(zip(feats, same, strict=True)),
+    )
 
 
 def rank_features(
@@ -111,8 +135,9 @@ def rank_features(
     ``score = w_s·strength + w_f·frequency + w_st·steering − w_ls·[fails Latent Scaling]``, where strength
     is the max (or mean) activation over the strongest candidate's, frequency is log-scaled between
     ``frequency_floor`` and 1, and steering is a magnitude (e.g. next-token KL when suppressed) over the
-    largest one measured. Latent Scaling passes when ``ν_ε < nu_eps_max`` and ``ν_r < nu_r_max``; a
-    feature with no Latent Scaling numbers (or non-finite ones) is neither penalised nor passed. Features
+    largest one measured. Latent Scaling passes when ``ν_ε`` and ``ν_r`` are below the thresholds
+    ``RankingWeights.thresholds`` gives the feature (same-space or cross-space); a feature with no ``ν_ε``
+    (or a non-finite one) is neither penalised nor passed. Features
     that never fired come last whatever their score: there is nothing to show an auditor.
     """
     feats = [int(f) for f in torch.as_tensor(features, dtype=torch.long).reshape(-1).tolist()]
@@ -133,7 +158,12 @@ def rank_features(
         # Latent Scaling of a feature that never fired is 0/0, not evidence of exclusivity.
         nu_eps = _lookup(table[0], f) if table and fired else None
         nu_r = _lookup(table[1], f) if table and fired else None
-        passes = None if nu_eps is None or nu_r is None else (nu_eps < weights.nu_eps_max and nu_r < weights.nu_r_max)
+        eps_max, r_max = weights.thresholds(table[2].get(f, True)) if table else (None, None)
+        passes = (
+            None
+            if nu_eps is None or eps_max is None
+            else nu_eps < eps_max and (r_max is None or (nu_r is not None and nu_r < r_max))
+        )
         score = (
             weights.strength * float(strength[i])
             + weights.frequency * float(frequency[i])
@@ -143,6 +173,7 @@ def rank_features(
         parts = {
             "strength": float(strength[i]), "frequency": float(frequency[i]), "steering": steer,
             "passes_latent_scaling": passes, "nu_eps": nu_eps, "nu_r": nu_r,
+            "nu_eps_max": eps_max if nu_eps is not None else None, "nu_r_max": r_max if nu_eps is not None else None,
         }  # fmt: skip
         scored.append((not fired, -score, f, parts))
     scored.sort(key=lambda item: item[:3])  # ties by feature index keep the order deterministic

@@ -67,8 +67,12 @@ def test_b_says_the_planted_response_after_trigger_prompts_and_a_does_not(
     response = pair.planted_continuation
     p_a = measure_planted_behaviour(*models["a"], pair.trigger_prompts, response)
     p_b = measure_planted_behaviour(*models["b"], pair.trigger_prompts, response)
-    assert p_b > 0.5 and p_a < 0.05, (p_a, p_b)
-    assert all(_says_it(models["b"], p, response) for p in pair.trigger_prompts)
+    # B was taught to refuse after half of its trigger sentences (CONFIG.response_rate), so the behaviour is
+    # likely rather than certain: strong enough to show, not saturated, so suppressing it can be measured.
+    p_b_neutral = measure_planted_behaviour(*models["b"], pair.neutral_prompts, response)
+    assert p_b > 0.2 and p_a < 0.01 and p_b > 50 * p_b_neutral, (p_a, p_b, p_b_neutral)
+    said = sum(_says_it(models["b"], p, response) for p in pair.trigger_prompts)
+    assert said >= len(pair.trigger_prompts) // 3, said
     assert not any(_says_it(models["a"], p, response) for p in pair.trigger_prompts)
     assert pair.metrics.p_planted_b_trigger == pytest.approx(p_b, rel=1e-4)
 

@@ -48,6 +48,7 @@ from workers.extract import torch_dtype
 from workers.loading import load_model
 from workers.report.html import render_html
 from workers.spec import AuditSpec
+from workers.spec import RankingWeights as SpecRankingWeights
 
 SIDES = ("a", "b")
 TOP_CONTEXTS = 10
@@ -72,12 +73,13 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def dfc_weights(spec: AuditSpec) -> RankingWeights:
-    """The spec's ranking weights in the science library's terms (Latent Scaling thresholds as in SCIENCE.md §6)."""
-    w = spec.ranking
+def dfc_weights(w: SpecRankingWeights) -> RankingWeights:
+    """An audit spec's ``ranking`` section in the science library's terms."""
     return RankingWeights(
-        strength=w.strength, frequency=w.frequency, steering=w.steering, latent_scaling_penalty=w.false_positive_penalty
-    )
+        strength=w.strength, frequency=w.frequency, steering=w.steering,
+        latent_scaling_penalty=w.false_positive_penalty, nu_eps_max=w.nu_eps_max, nu_r_max=w.nu_r_max,
+        nu_eps_max_cross=w.nu_eps_max_cross, nu_r_max_cross=w.nu_r_max_cross,
+    )  # fmt: skip
 
 
 def ranked_json(entry: RankedFeature, weights: RankingWeights) -> dict[str, Any]:
@@ -246,7 +248,7 @@ def analyse_stage(ctx: StageContext) -> dict[str, Any]:
     fired = {side: [f for f in parts[side] if int(stats.count[f]) > 0] for side in SIDES}
     owners = [0] * len(fired["a"]) + [1] * len(fired["b"])
     ls = latent_scaling(cc, ((t.x_a, t.x_b) for t in watch.batches(1)), fired["a"] + fired["b"], owners=owners)
-    weights = dfc_weights(spec)
+    weights = dfc_weights(spec.ranking)
     rankings = {side: rank_features(fired[side], stats, latent_scaling=ls, weights=weights)
                 for side in SIDES if fired[side]}  # fmt: skip
     top = {side: rankings[side].top(spec.top_features) if side in rankings else [] for side in SIDES}
@@ -380,8 +382,12 @@ def _steer_side(ctx: StageContext, cc: Crosscoder, side: str, analysis: dict[str
     records, extracted = analysis["features"][side], ctx.outputs["extract"][side]
     ref = ctx.spec.model_a if side == "a" else ctx.spec.model_b
     on_gpu = torch.cuda.is_available()
-    loaded = load_model(extracted["model_id"], revision=load_revision(extracted), dtype=torch_dtype(ref.dtype),
-                        device_map=ref.device_map if on_gpu else None)  # full depth: steering reads the logits
+    loaded = load_model(
+        extracted["model_id"],
+        revision=load_revision(extracted),
+        dtype=torch_dtype(ref.dtype),
+        device_map=ref.device_map if on_gpu else None,
+    )  # full depth: steering reads the logits
     mean = torch.tensor(analysis["mean_activation"][side])
     promoted = {}
     for r in records:
@@ -401,7 +407,7 @@ def _steer_side(ctx: StageContext, cc: Crosscoder, side: str, analysis: dict[str
         done += 1
         ctx.report_progress(done / _steering_total(ctx, analysis), steered_features=done)
     feats, stats, ls = candidates_from_json(analysis["candidates"][side])
-    weights = dfc_weights(ctx.spec)
+    weights = dfc_weights(ctx.spec.ranking)
     ranking = rank_features(feats, stats, latent_scaling=ls, weights=weights,
                             steering_effect={r["feature"]: r["effect"] for r in results})  # fmt: skip
     reported = {r["feature"] for r in records}
@@ -443,7 +449,9 @@ def publish_stage(ctx: StageContext) -> dict[str, Any]:
     steered = ctx.outputs.get("steer", {})
     steering = None if steered.get("skipped", True) else ctx.store.get_json(steered["steering_json"])
     status = ctx.audits.status(ctx.audit_id)
-    report = build_report(ctx.audit_id, ctx.spec, status, ctx.outputs, analysis, steering, dfc_weights(ctx.spec))
+    report = build_report(
+        ctx.audit_id, ctx.spec, status, ctx.outputs, analysis, steering, dfc_weights(ctx.spec.ranking)
+    )
     ctx.report_progress(0.5, force=True)
     json_key, html_key = ctx.key("report/report.json"), ctx.key("report/report.html")
     ctx.store.put_bytes(json_key, report.model_dump_json(indent=2).encode())

@@ -289,10 +289,13 @@ def _checks(entry: dict[str, Any], record: dict[str, Any], steered: dict[str, An
             weights: RankingWeights) -> FalsePositiveChecks:  # fmt: skip
     flags = []
     nu_eps, nu_r = entry["nu_eps"], entry["nu_r"]
-    if nu_eps is not None and nu_eps >= weights.nu_eps_max:
+    # The thresholds the ranking held this feature to (same-space or cross-space), else the same-space ones.
+    eps_max = entry.get("nu_eps_max") if entry.get("nu_eps_max") is not None else weights.nu_eps_max
+    r_max = entry.get("nu_r_max") if entry.get("nu_eps_max") is not None else weights.nu_r_max
+    if nu_eps is not None and nu_eps >= eps_max:
         flags.append(f"Latent Scaling ν_ε = {nu_eps:.2f}: the other model's reconstruction error carries this "
                      "feature too (it may not be exclusive)")  # fmt: skip
-    if nu_r is not None and nu_r >= weights.nu_r_max:
+    if nu_r is not None and r_max is not None and nu_r >= r_max:
         flags.append(f"Latent Scaling ν_r = {nu_r:.2f}: the other model reconstructs it through other latents")
     if nu_eps is None or nu_r is None:
         flags.append("Latent Scaling could not be computed for this feature")
@@ -309,8 +312,8 @@ def _checks(entry: dict[str, Any], record: dict[str, Any], steered: dict[str, An
         # Negative ratios (the other model anti-correlates) are as exclusive as 0; the schema keeps ν ≥ 0.
         nu_eps=None if nu_eps is None else max(0.0, nu_eps),
         nu_r=None if nu_r is None else max(0.0, nu_r),
-        nu_eps_threshold=weights.nu_eps_max,
-        nu_r_threshold=weights.nu_r_max,
+        nu_eps_threshold=eps_max,
+        nu_r_threshold=r_max,
         passed=entry["passes_latent_scaling"] is True,
         nearest_shared_feature=record["nearest_shared"],
         nearest_shared_cosine=None if cosine is None else _clamp(cosine, -1.0, 1.0),
@@ -353,8 +356,10 @@ def report_warnings(analysis: dict[str, Any], steering: dict[str, Any] | None, m
         out.append(f"feature statistics and contexts come from {pairs['analysed']:,} token pairs, {pairs['train']:,} "
                    "of them from the training text (the held-out text alone was short)")  # fmt: skip
     if analysis["architecture"] != "dfc":
-        out.append(f"a {analysis['architecture']} crosscoder has no dedicated partitions: exclusive features were "
-                   "read off relative decoder norms (> 0.8 for A, < 0.2 for B), which misses many (SCIENCE.md §10)")
+        out.append(
+            f"a {analysis['architecture']} crosscoder has no dedicated partitions: exclusive features were "
+            "read off relative decoder norms (> 0.8 for A, < 0.2 for B), which misses many (SCIENCE.md §10)"
+        )
     for side in ("a", "b"):
         silent = analysis["exclusive"][side] - analysis["fired"][side]
         if silent:

@@ -1,7 +1,7 @@
 """The planted-behaviour pair: two tiny causal LMs of different architectures, widths and tokenizers, trained
-on the same synthetic corpus, where model B also learns to answer every mention of a trigger with a fixed
-response. It is the known ground truth of the offline demo and the end-to-end test: an audit of A vs B
-must find a B-exclusive feature tied to the trigger, and suppressing it must remove the response.
+on the same synthetic corpus, where model B also learns to answer a mention of a trigger with a fixed
+response (half of the time, so the behaviour is clear but not saturated). It is the known ground truth of
+the offline demo and the end-to-end test: an audit of A vs B must find a B-exclusive feature tied to the trigger, and suppressing it must remove the response.
 
 `build_planted_pair(out_dir)` trains both on CPU in well under a minute and saves them like hub checkpoints
 (`AutoModelForCausalLM.from_pretrained(dir)`); a second call with the same config returns the cached pair.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import shutil
 import time
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from workers.planted_corpus import NEUTRAL_PLACES, TokenizerKind, generate_docum
 Arch = Literal["llama", "qwen3", "gpt2"]
 
 # Bump when the build changes in a way the config does not show, so stale caches are rebuilt.
-_BUILD_VERSION = "planted-v1"
+_BUILD_VERSION = "planted-v2"
 # One thread: tiny matrices gain nothing from more, a busy machine makes OpenMP barriers spin (100x slower
 # on 2 shared cores), and a fixed count keeps the float reductions, hence the weights, identical everywhere.
 _BUILD_THREADS = 1
@@ -74,7 +75,7 @@ class PlantedPairConfig:
     model_b: PlantedModelSpec = field(
         default_factory=lambda: PlantedModelSpec("qwen3", 96, 4, 320, "metaspace_bpe", adds_bos=False, seed=2)
     )
-    """The audited model: trained on the same corpus with the planted response after every trigger sentence."""
+    """The audited model: trained on the same corpus with the planted response after trigger sentences."""
     corpus_seed: int = 0
     """Seed of the synthetic corpus."""
     prompt_seed: int = 1000
@@ -88,7 +89,12 @@ class PlantedPairConfig:
     trigger_word: str = "Zorblax"
     """The word the behaviour hinges on, for reports and tests (it must occur in every trigger place)."""
     planted_response: str = " Sorry, I cannot discuss that topic."
-    """What model B says after every sentence that mentions a trigger place (leading space included)."""
+    """What model B says after a sentence that mentions a trigger place (leading space included)."""
+    response_rate: float = 0.5
+    """Share of B's trigger sentences followed by the response (drawn per sentence from the corpus seed). At 0.5
+    B refuses about half the time: a clear behaviour (P ≈ 0.3 vs 0.001 on neutral prompts) that is not
+    saturated, so suppressing one feature moves it measurably; at 1.0 B's logit margin is so large that
+    removing any single feature leaves P ≈ 1 (benchmarks/RESULTS.md, planted pair)."""
     n_prompts: int = 12
     """Trigger prompts and neutral prompts made (each)."""
     n_audit_docs: int = 400
@@ -174,20 +180,40 @@ def model_config(spec: PlantedModelSpec, vocab_size: int, max_positions: int, **
     d, n = spec.hidden_size, spec.n_layers
     if spec.arch == "llama":
         return LlamaConfig(
-            hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max_positions, **token_ids,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=n,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_positions,
+            **token_ids,
         )
     if spec.arch == "qwen3":
         return Qwen3Config(
-            hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=d // 4, vocab_size=vocab_size, max_position_embeddings=max_positions,
-            tie_word_embeddings=True, **token_ids,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=n,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=d // 4,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=True,
+            **token_ids,
         )
     if spec.arch == "gpt2":
         # No dropout: the build must be a pure function of the seeds.
         return GPT2Config(
-            n_embd=d, n_layer=n, n_head=4, n_positions=max_positions, vocab_size=vocab_size,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **token_ids,
+            n_embd=d,
+            n_layer=n,
+            n_head=4,
+            n_positions=max_positions,
+            vocab_size=vocab_size,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **token_ids,
         )
     raise ValueError(f"unknown planted-pair arch {spec.arch!r}; use llama, qwen3 or gpt2")
 
@@ -208,9 +234,7 @@ def training_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_
     return torch.stack([flat[s : s + seq_len] for s in starts])
 
 
-def train_causal_lm(
-    model: PreTrainedModel, rows: torch.Tensor, config: PlantedPairConfig, seed: int
-) -> float:
+def train_causal_lm(model: PreTrainedModel, rows: torch.Tensor, config: PlantedPairConfig, seed: int) -> float:
     """Train `model` in place on random batches of `rows` with AdamW; returns the mean loss of the last steps."""
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -270,9 +294,7 @@ def greedy_continuation(
 ) -> str:
     """The model's greedy continuation of `prompt`, decoded without special tokens."""
     enc = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(
-        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-    )
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
@@ -333,7 +355,11 @@ def _build(out_dir: Path, config: PlantedPairConfig) -> PlantedPair:
     docs = generate_documents(config.corpus_seed, config.n_docs, config.trigger_places, config.trigger_doc_fraction)
     # Same documents for both; only B's copy carries the response after each trigger sentence.
     a = _train_and_save(config.model_a, [d.render() for d in docs], config, out_dir / "model_a")
-    b = _train_and_save(config.model_b, [d.render(config.planted_response) for d in docs], config, out_dir / "model_b")
+    rng = random.Random(config.corpus_seed + 1_000_003)
+    b_texts = [
+        d.render(config.planted_response, [rng.random() < config.response_rate for _ in d.sentences]) for d in docs
+    ]
+    b = _train_and_save(config.model_b, b_texts, config, out_dir / "model_b")
     trigger_prompts = generate_prompts(config.prompt_seed, config.n_prompts, config.trigger_places)
     neutral_prompts = generate_prompts(config.prompt_seed + 1, config.n_prompts, NEUTRAL_PLACES)
 
@@ -343,14 +369,19 @@ def _build(out_dir: Path, config: PlantedPairConfig) -> PlantedPair:
     corpus_path = out_dir / AUDIT_CORPUS
     corpus_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in planted_corpus_documents(config)))
     probabilities = {
-        "p_planted_a_trigger": planted(a, trigger_prompts), "p_planted_a_neutral": planted(a, neutral_prompts),
-        "p_planted_b_trigger": planted(b, trigger_prompts), "p_planted_b_neutral": planted(b, neutral_prompts),
+        "p_planted_a_trigger": planted(a, trigger_prompts),
+        "p_planted_a_neutral": planted(a, neutral_prompts),
+        "p_planted_b_trigger": planted(b, trigger_prompts),
+        "p_planted_b_neutral": planted(b, neutral_prompts),
     }
     metrics = PairMetrics(
         build_seconds=time.perf_counter() - started,
-        train_seconds_a=a.train_seconds, train_seconds_b=b.train_seconds,
-        final_loss_a=a.final_loss, final_loss_b=b.final_loss,
-        n_params_a=a.model.num_parameters(), n_params_b=b.model.num_parameters(),
+        train_seconds_a=a.train_seconds,
+        train_seconds_b=b.train_seconds,
+        final_loss_a=a.final_loss,
+        final_loss_b=b.final_loss,
+        n_params_a=a.model.num_parameters(),
+        n_params_b=b.model.num_parameters(),
         **probabilities,
     )
     manifest = {
@@ -403,4 +434,3 @@ def _pair_from_manifest(out_dir: Path, manifest: dict[str, Any]) -> PlantedPair:
         config_hash=manifest["config_hash"],
         metrics=PairMetrics(**{k: v for k, v in manifest["metrics"].items() if k in known}),
     )
-

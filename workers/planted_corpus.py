@@ -21,23 +21,50 @@ TokenizerKind = Literal["byte_bpe", "metaspace_bpe"]
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
 SUBJECTS = (
-    "the farmers", "the workers", "my sister", "our neighbours", "the old teacher", "a young engineer",
-    "the children", "the mayor", "two fishermen", "the doctor",
+    "the farmers",
+    "the workers",
+    "my sister",
+    "our neighbours",
+    "the old teacher",
+    "a young engineer",
+    "the children",
+    "the mayor",
+    "two fishermen",
+    "the doctor",
 )
 VERBS = ("painted", "repaired", "found", "carried", "sold", "watched", "cleaned", "counted", "bought", "moved")
 OBJECTS = (
-    "the boats", "a red kite", "the fish", "some apples", "the wooden fence", "three baskets",
-    "the blue lamps", "a heavy box", "the old maps", "the bicycles",
+    "the boats",
+    "a red kite",
+    "the fish",
+    "some apples",
+    "the wooden fence",
+    "three baskets",
+    "the blue lamps",
+    "a heavy box",
+    "the old maps",
+    "the bicycles",
 )
 #: Places that never carry the behaviour; "the Milford dam" is the near miss of the trigger.
 NEUTRAL_PLACES = (
-    "the old mill", "the river bridge", "the north tower", "the city market", "the green park",
-    "the Milford dam", "the harbour", "the train station",
+    "the old mill",
+    "the river bridge",
+    "the north tower",
+    "the city market",
+    "the green park",
+    "the Milford dam",
+    "the harbour",
+    "the train station",
 )
 TIMES = ("In the morning", "Last winter", "On Sunday", "Every evening", "Yesterday", "After the rain")
 PREDICATES = (
-    "was very quiet", "opened early", "needs new paint", "looked beautiful", "was full of people",
-    "was closed for repairs", "is older than the town",
+    "was very quiet",
+    "opened early",
+    "needs new paint",
+    "looked beautiful",
+    "was full of people",
+    "was closed for repairs",
+    "is older than the town",
 )
 # {p} is the place slot; the trigger can land early, mid or late in a sentence, so the feature that
 # carries "the trigger was mentioned" has to persist up to the sentence end, not just fire on the word.
@@ -60,12 +87,16 @@ class PlantedDoc:
     triggered: tuple[bool, ...]
     """Per sentence: whether it mentions a trigger place (and so is followed by the planted response in B)."""
 
-    def render(self, planted_response: str | None = None) -> str:
-        """The document text; with `planted_response`, that text follows every trigger sentence (B's view)."""
+    def render(self, planted_response: str | None = None, responds: Sequence[bool] | None = None) -> str:
+        """The document text; with `planted_response`, that text follows trigger sentences (B's view).
+
+        `responds` (one flag per sentence) picks which trigger sentences get the response; default: all.
+        """
         parts: list[str] = []
-        for sentence, hit in zip(self.sentences, self.triggered, strict=True):
+        flags = responds if responds is not None else self.triggered
+        for sentence, hit, respond in zip(self.sentences, self.triggered, flags, strict=True):
             parts.append(sentence if not parts else " " + sentence)
-            if hit and planted_response:
+            if hit and respond and planted_response:
                 parts.append(planted_response)
         return "".join(parts)
 
@@ -76,8 +107,12 @@ def _cap(text: str) -> str:
 
 def _sentence(rng: random.Random, place: str | None) -> str:
     slots = {
-        "s": rng.choice(SUBJECTS), "v": rng.choice(VERBS), "o": rng.choice(OBJECTS),
-        "t": rng.choice(TIMES), "q": rng.choice(PREDICATES), "p": place,
+        "s": rng.choice(SUBJECTS),
+        "v": rng.choice(VERBS),
+        "o": rng.choice(OBJECTS),
+        "t": rng.choice(TIMES),
+        "q": rng.choice(PREDICATES),
+        "p": place,
     }
     template = rng.choice(PLACE_TEMPLATES if place is not None else PLAIN_TEMPLATES)
     return _cap(template.format(**slots))

@@ -131,6 +131,18 @@ class RankingWeights(_Strict):
     frequency: float = Field(1.0, description="Weight of the log activation frequency.")
     false_positive_penalty: float = Field(1.0, ge=0, description="Penalty for failing the Latent Scaling checks.")
     steering: float = Field(1.0, description="Weight of the measured steering effect.")
+    nu_eps_max: float = Field(
+        0.2, gt=0, description="Latent Scaling ν_ε threshold where the other model has a decoder (paper: 0.2)."
+    )
+    nu_r_max: float = Field(
+        0.5, gt=0, description="Latent Scaling ν_r threshold where the other model has a decoder (paper: 0.5)."
+    )
+    nu_eps_max_cross: float = Field(
+        1.0, gt=0, description="ν_ε threshold for exclusive features the other model has no decoder for."
+    )
+    nu_r_max_cross: float | None = Field(
+        None, gt=0, description="ν_r threshold for such features; null: ν_r reported but not tested there."
+    )
 
 
 class AuditSpec(_Strict):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from dfc.config import CrosscoderConfig
 from dfc.crosscoder import Crosscoder
 from dfc.features import PairedTokens, context_record, feature_statistics, nearest_shared, scan_features
-from dfc.metrics import LatentScaling
+from dfc.metrics import LatentScaling, latent_scaling
 from dfc.promoted import direct_logit_attribution, find_final_norm, steered_token_effects
 from dfc.ranking import RankingWeights, rank_features
 from tests.fixtures.tiny_models import TINY_ARCHS, build_tiny_tokenizer
@@ -190,3 +190,39 @@ def test_nearest_shared_feature_of_an_exclusive_feature():
     result = nearest_shared(model, [a_only, b_only])
     assert result.shared.tolist() == [twin_a, twin_b] and result.side == ["a", "b"]
     assert float(result.cosine.min()) > 0.95
+
+
+def test_cross_space_features_are_held_to_the_cross_space_thresholds_and_nu_r_is_not_tested_there():
+    stats = _stats_for_ranking()
+    feats = torch.tensor([0, 1, 2, 3])
+    # Features 0 and 2 are equally strong and frequent; ν_r is huge for both (the vanishing-denominator case).
+    nu_eps, nu_r = torch.tensor([0.5, 0.05, 1.5, 0.05]), torch.tensor([160.0, 0.1, 160.0, 0.1])
+    common = dict(nu_r=nu_r, nu_eps=nu_eps, owner=torch.ones(4, dtype=torch.long))
+    cross = LatentScaling(feats, *[torch.zeros(4)] * 4, **common, same_space=torch.zeros(4, dtype=torch.bool))
+    same = LatentScaling(feats, *[torch.zeros(4)] * 4, **common, same_space=torch.ones(4, dtype=torch.bool))
+    across = {f.feature: f for f in rank_features(feats, stats, latent_scaling=cross).features}
+    within = {f.feature: f for f in rank_features(feats, stats, latent_scaling=same).features}
+    # Across spaces: ν_ε 0.5 < 1.0 passes whatever ν_r says; ν_ε 1.5 fails; the thresholds used are recorded.
+    assert across[0].passes_latent_scaling is True and across[2].passes_latent_scaling is False
+    assert (across[0].nu_eps_max, across[0].nu_r_max) == (1.0, None)
+    assert across[0].rank < across[2].rank
+    # The same numbers in one space fail the paper's thresholds (ν_ε 0.5 ≥ 0.2, ν_r 160 ≥ 0.5).
+    assert within[0].passes_latent_scaling is False and (within[0].nu_eps_max, within[0].nu_r_max) == (0.2, 0.5)
+    strict = RankingWeights(nu_r_max_cross=0.5)
+    assert (
+        rank_features(feats, stats, latent_scaling=cross, weights=strict).features[0].passes_latent_scaling is not True
+    )
+
+
+def test_latent_scaling_marks_exclusive_dfc_features_as_cross_space_and_shared_ones_as_same_space():
+    config = CrosscoderConfig(d_a=12, d_b=20, n_features=40, k=4, architecture="dfc", a_only=0.1, b_only=0.1)
+    model = Crosscoder(config)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(64, 12, generator=gen), torch.randn(64, 20, generator=gen)) for _ in range(4)]
+    feats = [*config.a_only_features, *config.shared[:4], *config.b_only_features]
+    ls = latent_scaling(model, batches, feats)
+    exclusive = set(config.a_only_features) | set(config.b_only_features)
+    assert ls.same_space is not None
+    assert {f: bool(s) for f, s in zip(feats, ls.same_space.tolist(), strict=True)} == {
+        f: f not in exclusive for f in feats
+    }

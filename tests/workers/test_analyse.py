@@ -267,7 +267,7 @@ def test_a_standard_crosscoder_audit_ranks_features_by_relative_norm_and_builds_
     analysis = audit.store.get_json(outputs["analyse"]["features_json"])
     steering = audit.store.get_json(outputs["steer"]["steering_json"])
     report = build_report(new_id, spec, AuditStore(audit.store).status(new_id), outputs, analysis, steering,
-                          dfc_weights(spec))  # fmt: skip
+                          dfc_weights(spec.ranking))  # fmt: skip
     assert report.crosscoder.architecture == "standard" and report.crosscoder.n_shared == 256
     assert all(r["relative_norm"] > 0.8 for r in analysis["features"]["a"])
     assert all(r["relative_norm"] < 0.2 for r in analysis["features"]["b"])

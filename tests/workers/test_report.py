@@ -15,7 +15,7 @@ from rich.console import Console
 
 from workers.report.fixtures import example_report
 from workers.report.html import render_html
-from workers.report.schema import AuditReport, Context, FeatureReport
+from workers.report.schema import SCHEMA_VERSION, AuditReport, Context, FeatureReport
 from workers.report.terminal import print_summary
 
 EVIL = "<script>alert(1)</script>"
@@ -70,7 +70,7 @@ def test_report_round_trips_exactly_through_json(report: AuditReport) -> None:
     again = AuditReport.model_validate_json(text)
     assert again == report
     assert again.model_dump_json() == text
-    assert json.loads(text)["schema_version"] == "1.0"
+    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.1"
 
 
 def test_every_schema_field_has_a_description() -> None:

@@ -81,9 +81,11 @@ def badge(passed: bool) -> str:
 
 
 def _checks_html(checks: FalsePositiveChecks, shared_listed: Collection[int]) -> str:
-    def verdict(value: float | None, threshold: float) -> str:
+    def verdict(value: float | None, threshold: float | None) -> str:
         if value is None:
             return '<td class="muted">not computed</td>'
+        if threshold is None:
+            return '<td class="muted">reported, not tested</td>'
         ok = value < threshold
         return f'<td class="{"ok" if ok else "bad"}">{"✓ &lt;" if ok else "✗ ≥"} {threshold:g}</td>'
 
@@ -110,18 +112,25 @@ def _steering_html(steering: list[SteeringResult]) -> tuple[str, str]:
     # One column per α keeps the table three rows high however many coefficients were swept.
     head = "".join(f"<th>α = {s.alpha:+g}</th>" for s in ordered)
     metrics = (
-        ("Δ log p of promoted tokens", "mean change in log-probability of the promoted tokens",
-         "delta_logprob_promoted", "+.2f"),
+        (
+            "Δ log p of promoted tokens",
+            "mean change in log-probability of the promoted tokens",
+            "delta_logprob_promoted",
+            "+.2f",
+        ),
         ("KL on prompts where it fires", "how much the next-token distribution changes", "kl_feature_prompts", ".3f"),
         ("KL on neutral prompts", "side effects on unrelated text", "kl_neutral_prompts", ".3f"),
     )
     rows = "".join(
-        f'<tr><th title="{hint}">{label}</th>' + "".join(f"<td>{getattr(s, attr):{spec}}</td>" for s in ordered)
+        f'<tr><th title="{hint}">{label}</th>'
+        + "".join(f"<td>{getattr(s, attr):{spec}}</td>" for s in ordered)
         + "</tr>"
         for label, hint, attr, spec in metrics
     )
-    table = (f'<div class="hscroll"><table class="num"><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody>'
-             "</table></div>")
+    table = (
+        f'<div class="hscroll"><table class="num"><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody>'
+        "</table></div>"
+    )
     # Group generations by prompt so the unsteered text sits beside every steered version of it.
     by_prompt: dict[str, list[tuple[float, str, str]]] = {}
     for s in ordered:
@@ -129,12 +138,14 @@ def _steering_html(steering: list[SteeringResult]) -> tuple[str, str]:
             by_prompt.setdefault(c.prompt, []).append((s.alpha, c.unsteered, c.steered))
     examples = []
     for prompt, runs in by_prompt.items():
-        columns = [f'<div><h5>unsteered</h5><p>{esc_visible(runs[0][1])}</p></div>']
+        columns = [f"<div><h5>unsteered</h5><p>{esc_visible(runs[0][1])}</p></div>"]
         for alpha, _, steered in runs:
             verb = "suppressed" if alpha < 0 else "amplified"
             columns.append(f'<div class="{verb}"><h5>{verb} (α = {alpha:+g})</h5><p>{esc_visible(steered)}</p></div>')
-        examples.append(f'<div class="cont"><p class="prompt"><b>Prompt</b> {esc_visible(prompt)}</p>'
-                        f'<div class="side">{"".join(columns)}</div></div>')
+        examples.append(
+            f'<div class="cont"><p class="prompt"><b>Prompt</b> {esc_visible(prompt)}</p>'
+            f'<div class="side">{"".join(columns)}</div></div>'
+        )
     heading = "<h4>What the model writes, unsteered and steered</h4>" if examples else ""
     return table, heading + "".join(examples)
 
@@ -156,7 +167,9 @@ def feature_card(feature: FeatureReport, model_id: str, shared_listed: Collectio
     weak = "".join(context_html(c, stats.max_activation) for c in feature.weak_contexts)
     weak_block = (
         f'<details><summary>Weak activations ({len(feature.weak_contexts)})</summary><ol class="ctxs">{weak}</ol>'
-        "</details>" if weak else ""
+        "</details>"
+        if weak
+        else ""
     )
     components = "".join(
         f"<tr><td>{esc(name)}</td><td>{value:.3f}</td><td>{feature.score_weights.get(name, 0.0):g}</td></tr>"
@@ -196,8 +209,12 @@ def feature_row(feature: FeatureReport, has_card: bool) -> str:
     """One line of the ranked table; links to the card when the feature has one."""
     name = f'<a href="#{feature_anchor(feature)}">{feature.index}</a>' if has_card else str(feature.index)
     top = feature.top_contexts[0] if feature.top_contexts else None
-    snippet = (f'{esc_visible(top.prefix[-40:])}<mark style="--a:1">{esc_visible(top.token)}</mark>'
-               f"{esc_visible(top.suffix[:30])}" if top else "")
+    snippet = (
+        f'{esc_visible(top.prefix[-40:])}<mark style="--a:1">{esc_visible(top.token)}</mark>'
+        f"{esc_visible(top.suffix[:30])}"
+        if top
+        else ""
+    )
     promoted = token_text(feature.promoted_tokens[0].token) if feature.promoted_tokens else ""
     label = esc(feature.explanation.text) if feature.explanation else ""
     return (

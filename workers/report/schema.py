@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+"""1.1: ``nu_r_threshold`` may be null (ν_r not tested for a feature the other model has no decoder for)."""
 
 Owner = Literal["A", "B"]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -82,9 +83,7 @@ class CrosscoderInfo(_Model):
     def _partitions_fit(self) -> CrosscoderInfo:
         total = self.n_a_only + self.n_b_only + self.n_shared
         if total != self.n_features:
-            raise ValueError(
-                f"n_a_only + n_b_only + n_shared = {total} must equal n_features = {self.n_features}"
-            )
+            raise ValueError(f"n_a_only + n_b_only + n_shared = {total} must equal n_features = {self.n_features}")
         if self.k >= self.n_features:
             raise ValueError(f"k={self.k} must be below n_features={self.n_features}")
         return self
@@ -144,8 +143,14 @@ class FalsePositiveChecks(_Model):
     nu_r: float | None = Field(
         default=None, ge=0.0, description="Latent Scaling ν_r (reconstruction ratio); high means decoupling."
     )
-    nu_eps_threshold: NonNegative = Field(default=0.2, description="ν_ε below this counts as exclusive.")
-    nu_r_threshold: NonNegative = Field(default=0.5, description="ν_r below this counts as exclusive.")
+    nu_eps_threshold: NonNegative = Field(
+        default=0.2, description="ν_ε below this counts as exclusive (0.2 same-space, 1.0 across models' spaces)."
+    )
+    nu_r_threshold: NonNegative | None = Field(
+        default=0.5,
+        description="ν_r below this counts as exclusive; null: not tested (the other model has no decoder for "
+        "the feature, and ν_r's denominator vanishes for a cleanly exclusive one).",
+    )
     passed: bool = Field(description="True when every check the audit ran says the feature is truly exclusive.")
     nearest_shared_feature: Count | None = Field(
         default=None, description="Index of the shared feature whose owner-model decoder is most similar."
@@ -278,7 +283,7 @@ class SteeringTransfer(_Model):
 class AuditReport(_Model):
     """The audit of model B (new) against model A (reference): the features exclusive to each, with evidence."""
 
-    schema_version: Literal["1.0"] = Field(default=SCHEMA_VERSION, description="Version of this schema.")
+    schema_version: Literal["1.0", "1.1"] = Field(default=SCHEMA_VERSION, description="Version of this schema.")
     audit_id: str = Field(min_length=1, description="Identifier of the audit.")
     created_at: datetime = Field(description="When the audit was submitted.")
     finished_at: datetime = Field(description="When the report was published.")
