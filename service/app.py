@@ -17,6 +17,7 @@ from service.auth import ApiKeys
 from service.errors import install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.orphans import OrphanWatch, Reconciler
 from service.reports import ReportService
 from service.routes import audits, ops, reports
 from service.settings import Settings
@@ -36,7 +37,7 @@ def create_app(settings: Settings | None = None, submitter: Submitter | None = N
     settings.apply_log_level()
     store = open_store(settings.store_url, **settings.store_settings())
     records = AuditStore(store)
-    submitter = submitter or make_submitter(settings)
+    submitter = submitter or make_submitter(settings, records)
     metrics = ServiceMetrics(records, cache_s=settings.metrics_cache_s)
     service = AuditService(
         records,
@@ -47,15 +48,26 @@ def create_app(settings: Settings | None = None, submitter: Submitter | None = N
     if settings.auth_disabled:
         log.warning("API keys are disabled (DFC_AUTH_DISABLED=true): anyone who can reach this API can use it")
 
+    # Audits whose driver died (a crashed API's embedded Ray, a failed Ray job) are found in the background
+    # once the app starts, so a slow store or Ray start never delays serving.
+    watch: OrphanWatch | None = None
+    if settings.resume_orphans and isinstance(submitter, Reconciler):
+        watch = OrphanWatch(records, submitter, interval_s=settings.orphan_check_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if watch is not None:
+            watch.start()
         yield
+        if watch is not None:
+            watch.close()
         submitter.close()
 
     app = FastAPI(title="dfc-audit", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.store = store
     app.state.submitter = submitter
+    app.state.orphan_watch = watch
     app.state.metrics = metrics
     app.state.api_keys = ApiKeys(settings.api_key_list(), disabled=settings.auth_disabled)
     app.state.audit_service = service

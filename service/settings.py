@@ -66,6 +66,21 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Ray Jobs: extra runtime_env (JSON, e.g. {"image_uri": "…"}) merged into every submission.',
     )
+    resume_orphans: bool = Field(
+        True,
+        description="Settle unfinished audits whose driver is gone, at start-up and every DFC_ORPHAN_CHECK_S: "
+        "local Ray resumes them where they stopped; with the Ray Jobs API, a failed or stopped job fails them.",
+    )
+    orphan_check_s: float = Field(
+        60.0, ge=0, le=24 * 3600, description="Seconds between orphan checks after the one at start-up; 0: only that."
+    )
+    driver_lease_s: float = Field(
+        60.0,
+        ge=3,
+        le=3600,
+        description="Local Ray: a running audit's driver record is renewed every third of this; an API on another "
+        "host counts as gone once its record is this old (on the same host its process id is checked).",
+    )
     max_body_bytes: int = Field(
         64 * 1024, ge=1024, le=16 * 1024 * 1024, description="Largest accepted request body; larger gets 413."
     )

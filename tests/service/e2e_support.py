@@ -2,17 +2,21 @@
 
 The child gets its settings only from DFC_* variables (as in production), listens on a free loopback port,
 and starts its own local Ray on the first submission. It runs in its own process group, so stopping it
-(gracefully or by SIGKILL, to simulate a crash) also ends the Ray processes it started.
+(gracefully or by SIGKILL, to simulate a crash) also ends the Ray processes it started; ``crash`` kills the
+server process alone, as the OOM killer would, and reports which of its descendants outlived it.
+Also here: a real Ray head with its Jobs API (``ray start --head --block``) for the Jobs submitter's tests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +26,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+"""Ray's per-node agents: after their raylet is killed they exit by themselves, within about a minute."""
 
 
 def free_port() -> int:
@@ -31,12 +37,32 @@ def free_port() -> int:
 
 
 def _proc_stat(pid: int | str) -> tuple[int, int] | None:
-    """(parent id, start time in clock ticks) of a live process, from /proc; None when it is gone."""
+    """(parent id, start time in clock ticks) of a live process, from /proc; None when it is gone (or a zombie)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return None
-    return int(fields[1]), int(fields[19])
+    return None if fields[0] == "Z" else (int(fields[1]), int(fields[19]))
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (what a process started with start_new_session, and all it started)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split() if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if fields and fields[0] != "Z" and int(fields[3]) == sid:
+            members.append(int(entry.name))
+    return members
 
 
 def _descendants(pid: int) -> list[tuple[int, int]]:
@@ -124,6 +150,28 @@ class ServedApi:
             if stat is not None and stat[1] == started:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+        for pid in session_members(pgid):  # whatever is left of the session (orphans the server's death reparented)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+    def crash(self, settle_s: float = 20.0) -> list[str]:
+        """SIGKILL the server process alone; return the command lines of the processes it started that outlive it.
+
+        Waits up to ``settle_s`` for them to go, except Ray's per-node agents, which are known to linger for up
+        to a minute (they notice on their own schedule that the raylet is gone); then ends them all.
+        """
+        assert self.proc is not None, "not running"
+        session = self.proc.pid  # start_new_session: every process it starts stays in this session
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        deadline = time.monotonic() + settle_s
+        while True:
+            alive = [command_line(pid) for pid in session_members(session)]
+            if all(c.startswith(RAY_AGENTS) for c in alive) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self.kill()
+        return alive
 
     def log_tail(self, chars: int = 6000) -> str:
         try:
@@ -161,3 +209,60 @@ def metric_value(text: str, name: str, labels: str = "") -> float | None:
         if sample == wanted:
             return float(value)
     return None
+
+
+class RayHead:
+    """A real one-node Ray cluster with its Jobs API, started with ``ray start --head --block`` in its own session.
+
+    Its temporary folder is its own (short, for Ray's socket paths), so ``ray.init()`` elsewhere on the machine
+    never finds it, and ``stop`` ends exactly the processes of its session (never ``ray stop``, which ends
+    every Ray on the machine).
+    """
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
+        self.address = ""
+
+    def start(self, timeout: float = 90.0) -> str:
+        """Start the head; return its Jobs API address. Raises RuntimeError when Ray cannot start here."""
+        port = free_port()
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        command = [
+            str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port=0",
+            f"--dashboard-port={port}", "--dashboard-host=127.0.0.1", f"--temp-dir={self.temp_dir}",
+            "--num-cpus=1", "--disable-usage-stats",
+        ]  # fmt: skip
+        with open(self.temp_dir / "head.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self.address = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                if httpx.get(f"{self.address}/api/version", timeout=1).status_code == 200:
+                    return self.address
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the Ray head did not answer within {timeout} s: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return (self.temp_dir / "head.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            for _ in range(3):  # a second pass catches what was being started during the first
+                for pid in session_members(self.proc.pid):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.5)
+            self.proc.wait(timeout=10)
+            self.proc = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

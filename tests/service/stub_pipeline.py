@@ -15,3 +15,8 @@ def run_audit(audit_id: str, store_url: str, store_settings: dict[str, Any]) -> 
     seen = {"pid": os.getpid(), "env_store_url": os.environ.get("DFC_STORE_URL")}
     records.store.put_json(records.key(audit_id, "stub-run.json"), seen)
     return records.update(audit_id, state=AuditState.SUCCEEDED, attempts=1, progress=1.0, finished_at=now())
+
+
+def crash_worker(audit_id: str, store_url: str, store_settings: dict[str, Any]) -> AuditStatus:
+    """Die the way an OOM-killed worker does: no exception, no final status."""
+    os._exit(1)

@@ -1,12 +1,14 @@
 """The two ways an audit reaches Ray: a task on a local Ray, or a job through the Ray Jobs API.
 
-The Jobs test runs Ray's real ``JobSubmissionClient`` against a small HTTP server that answers the
-four Jobs API endpoints the way a Ray head does (no cluster can run here); the local test starts Ray.
+Most Jobs tests run Ray's real ``JobSubmissionClient`` against a small HTTP server that answers the four Jobs
+API endpoints the way a Ray head does; one runs against a real head (``ray start --head``, skipped where Ray
+cannot start one). The local tests start Ray in this process.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,11 +20,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.drivers import DriverRecords, Owner
+from service.orphans import RESTARTS_COUNTER, OrphanWatch
 from service.settings import Settings
 from service.submit import LocalRaySubmitter, RayJobsSubmitter, SubmitError, make_submitter
 from tests.service.conftest import API_KEY, make_settings, spec_body
-from workers.status import AuditStore
+from tests.service.e2e_support import RayHead
+from workers.spec import AuditSpec
+from workers.status import AuditState, AuditStatus, AuditStore
 from workers.storage import LocalStore
+
+SPEC = AuditSpec.model_validate({"model_a": {"id": "org/a"}, "model_b": {"id": "org/b"}, "token_budget": 1000})
 
 
 class FakeRayHead(BaseHTTPRequestHandler):
@@ -132,20 +140,150 @@ def test_ray_address_chooses_the_submitter(tmp_path: Path, address: str, kind: t
     assert isinstance(make_submitter(make_settings(tmp_path, ray_address=address)), kind)
 
 
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def started_audit(audits: AuditStore) -> AuditStatus:
+    """An audit a pipeline has started on (its state is a stage)."""
+    status = audits.create(SPEC)
+    return audits.update(status.id, state=AuditState.TRAINING, stage=AuditState.TRAINING, attempts=1)
+
+
+def test_ray_jobs_reconcile_settles_audits_whose_job_is_over_or_lost(
+    ray_head: tuple[str, type[FakeRayHead]], store_dir: Path
+) -> None:
+    address, head = ray_head
+    audits = AuditStore(LocalStore(store_dir))
+    submitter = RayJobsSubmitter(make_settings(store_dir, ray_address=address), address, audits=audits)
+
+    def job(state: str, message: str = "") -> str:
+        audit_id = started_audit(audits).id
+        submitter.submit(audit_id)
+        head.jobs[audit_id].update(status=state, message=message)
+        return audit_id
+
+    running = job("RUNNING")
+    failed = job("FAILED", "Job entrypoint command failed with exit code 137")
+    stopped = job("STOPPED", "Job was intentionally stopped.")
+    cancelled = job("STOPPED")
+    audits.request_cancel(cancelled)
+    ended = job("SUCCEEDED")
+    lost = job("RUNNING")
+    del head.jobs[lost]  # the head restarted and forgot its jobs
+    elsewhere = job("RUNNING")
+    del head.jobs[elsewhere]
+    records = DriverRecords(audits)
+    moved = records.latest(elsewhere)
+    assert moved is not None
+    audits.store.put_json(records.key(elsewhere, 1), {**moved.model_dump(mode="json"), "address": "http://old:8265"})
+    by_cli = started_audit(audits).id  # `dfc-audit run` on the same store: no job, no driver record
+
+    done = OrphanWatch(audits, submitter).sweep()
+
+    assert set(done) == {failed, stopped, cancelled, ended, lost}
+    for untouched in (running, elsewhere, by_cli):
+        assert audits.status(untouched).state is AuditState.TRAINING
+    error = audits.status(failed).error
+    assert error is not None and error.type == "RayJobFailed" and error.stage == "train"
+    assert "exit code 137" in error.message and f"ray job logs {failed} --address {address}" in error.message
+    assert audits.status(stopped).error.type == "RayJobStopped"  # type: ignore[union-attr]
+    assert audits.status(cancelled).state is AuditState.CANCELLED
+    assert audits.status(ended).error.type == "RayJobEnded"  # type: ignore[union-attr]
+    assert all(audits.status(i).state is AuditState.FAILED for i in (failed, stopped, ended))
+    assert lost in head.jobs, "a job the cluster lost is submitted again under the audit's id"
+    assert audits.status(lost).counters[RESTARTS_COUNTER] == 1
+    record = records.latest(lost)
+    assert record is not None and record.generation == 2 and record.kind == "ray-job"
+
+
+@pytest.fixture(scope="module")
+def real_ray_head() -> Iterator[str]:
+    head = RayHead()
+    try:
+        address = head.start()
+    except (RuntimeError, OSError) as e:
+        head.stop()
+        pytest.skip(f"cannot start a Ray head here: {e}")
+    try:
+        yield address
+    finally:
+        head.stop()
+
+
+@pytest.mark.slow
+def test_ray_jobs_reconcile_against_a_real_ray_head(real_ray_head: str, store_dir: Path) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    address, audits = real_ray_head, AuditStore(LocalStore(store_dir))
+    settings = make_settings(store_dir, ray_address=address)
+    failing = RayJobsSubmitter(
+        settings, address, entrypoint=f"{sys.executable} -c 'import sys; sys.exit(3)'", audits=audits
+    )
+    sleeping = RayJobsSubmitter(settings, address, entrypoint="sleep 120", audits=audits)
+    client = JobSubmissionClient(address)
+    failed, stopped, cancelled = (started_audit(audits).id for _ in range(3))
+    failing.submit(failed)
+    sleeping.submit(stopped)
+    sleeping.submit(cancelled)
+
+    def job_state(audit_id: str) -> str:
+        return str(client.get_job_info(audit_id).status)
+
+    wait_until(lambda: job_state(failed) == "FAILED", 60, "the failing job never failed")
+    wait_until(lambda: job_state(stopped) == job_state(cancelled) == "RUNNING", 60, "the jobs never ran")
+    assert sleeping.reconcile(audits.status(stopped)) is None, "a running job's audit is left alone"
+    client.stop_job(stopped)  # from the dashboard or the CLI: not through the API
+    audits.request_cancel(cancelled)  # what DELETE /audits/{id} does
+    sleeping.stop(cancelled)
+    wait_until(lambda: job_state(stopped) == job_state(cancelled) == "STOPPED", 60, "the jobs never stopped")
+
+    done = OrphanWatch(audits, sleeping).sweep()
+
+    assert set(done) == {failed, stopped, cancelled}
+    error = audits.status(failed).error
+    assert error is not None and error.type == "RayJobFailed" and "exit code 3" in error.message
+    assert audits.status(stopped).error.type == "RayJobStopped"  # type: ignore[union-attr]
+    assert audits.status(cancelled).state is AuditState.CANCELLED
+
+
 @pytest.mark.slow
 def test_local_ray_runs_the_pipeline_as_a_task(store_dir: Path) -> None:
-    settings: Settings = make_settings(store_dir)
-    submitter = LocalRaySubmitter(settings, target="tests.service.stub_pipeline:run_audit")
+    settings: Settings = make_settings(store_dir, ray_max_retries=0)
+    audits = AuditStore(LocalStore(store_dir))
+    submitter = LocalRaySubmitter(settings, target="tests.service.stub_pipeline:run_audit", audits=audits)
     assert submitter.ready() == (True, "Ray (a local instance) is started or joined on the first audit")
+    early = audits.create(SPEC).id
+    # Requests run on worker threads that anyio retires when idle; Ray's processes die with the thread that
+    # started them (PR_SET_PDEATHSIG), so Ray must not be started on the request's thread.
+    starter = threading.Thread(target=submitter.submit, args=(early,))
+    starter.start()
+    starter.join()
     try:
         with TestClient(create_app(settings, submitter), headers={"Authorization": f"Bearer {API_KEY}"}) as c:
             audit_id = c.post("/audits", json=spec_body()).json()["id"]
-            deadline = time.monotonic() + 90
-            while c.get(f"/audits/{audit_id}").json()["state"] != "succeeded":
-                assert time.monotonic() < deadline, "the Ray task never finished the audit"
-                time.sleep(0.2)
+            for done in (audit_id, early):
+                wait_until(
+                    lambda done=done: c.get(f"/audits/{done}").json()["state"] == "succeeded",
+                    90,
+                    "the Ray task never finished the audit",
+                )
             assert submitter.ready() == (True, "Ray is running")
-        seen = LocalStore(store_dir).get_json(AuditStore(LocalStore(store_dir)).key(audit_id, "stub-run.json"))
+
+            # A worker that dies without a word (OOM killer) leaves no final state: the submitter writes one.
+            crashing = LocalRaySubmitter(settings, target="tests.service.stub_pipeline:crash_worker", audits=audits)
+            lost = started_audit(audits).id
+            crashing.submit(lost)
+            wait_until(lambda: audits.status(lost).state is AuditState.FAILED, 60, "the dead task's audit stayed")
+            crashing.close()
+            error = audits.status(lost).error
+            assert error is not None and error.type == "RayTaskFailed" and error.stage == "train"
+        seen = audits.store.get_json(audits.key(audit_id, "stub-run.json"))
         assert seen["env_store_url"] == str(store_dir), "the task got the pipeline's settings in its environment"
+        record = DriverRecords(audits).latest(audit_id)
+        assert record is not None and record.kind == "local-ray" and record.owner == Owner.current()
     finally:
         submitter.close()
