@@ -386,7 +386,8 @@ def main() -> None:
         lap(f"standard_seed{seed}")
         runs.append({"seed": seed, "dfc": dfc_result, "standard": standard_result})
         head = _headline(runs[-1:])
-        print(f"seed {seed}: " + ", ".join(f"{k}={v:.3g}" for k, v in head.items()), flush=True)
+        scalars = {k: v for k, v in head.items() if not isinstance(v, list)}
+        print(f"seed {seed}: " + ", ".join(f"{k}={v:.3g}" for k, v in scalars.items()), flush=True)
     payload = {
         **_headline(runs),
         "per_seed": [{"seed": r["seed"], **_headline([r])} for r in runs],
@@ -414,7 +415,18 @@ def _headline(runs: list[dict]) -> dict:
         "planted_f1": dfc["f1"], "standard_f1": standard["f1"],
         "b_only_share_of_trigger_direction": dfc["b_only_share_of_trigger_direction"],
         "b_only_carries_trigger_in_seeds": sum(r["dfc"]["b_only_share_of_trigger_direction"] > 0.5 for r in runs),
+        # A seed "finds" the planted feature when its B-only detector is clean (F1 ≥ 0.8) and removing it where
+        # it fires halves the behaviour; "top3" when it is also among B's first three.
+        "seeds": len(runs),
+        "seeds_found": sum(_found(r) for r in runs),
+        "seeds_top3": sum(_found(r) and r["dfc"]["rank"] <= 3 for r in runs),
+        "standard_ranks": [r["standard"]["rank"] for r in runs],
+        "dfc_ranks": [r["dfc"]["rank"] for r in runs],
     }  # fmt: skip
+
+
+def _found(run: dict) -> bool:
+    return run["dfc"]["f1"] >= 0.8 and run["dfc"]["gated_ablation"][0]["drop"] >= 0.5
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train (once, cached in $DFC_CACHE or ~/.cache/dfc-audit) two tiny models, "
                           "B with a planted response to a trigger word, and audit B against A end to end.")
     demo.add_argument("--store", default=DEMO_STORE, help=f"folder or URL for the demo's audit (default {DEMO_STORE})")
-    demo.add_argument("--token-budget", type=int, default=150_000, help="tokens extracted per model (default 150k)")
+    demo.add_argument("--token-budget", type=int, default=60_000, help="tokens extracted per model (default 60k)")
     runner_options(demo)
     demo.set_defaults(func=_lazy("cmd_demo"))
 

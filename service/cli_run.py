@@ -250,8 +250,20 @@ def demo_spec(pair: Any, corpus_path: Path, token_budget: int) -> AuditSpec:
             "corpus": {"kind": "files", "paths": [str(corpus_path)]},
             "token_budget": token_budget,
             "max_length": 256,
-            # Short run: a higher learning rate and smaller batches than the paper's 100M-token recipe.
-            "training": {"batch_size": 256, "lr": 1e-3, "epochs": 2.0, "checkpoint_every": 500},
+            # The toy-scale recipe of benchmarks/planted.py (RESULTS.md): a 512-feature dictionary with 20% per
+            # exclusive partition, k = 16, exclusive decoders starting at twice the shared norm, a higher learning
+            # rate and a stronger AuxK than the paper's 100M-token recipe.
+            "crosscoder": {"n_features": 512, "k": 16, "a_only": 0.2, "b_only": 0.2},
+            "training": {
+                "batch_size": 512,
+                "lr": 3e-3,
+                "steps": 600,
+                "aux_k": 16,
+                "aux_alpha": 0.5,
+                "dead_after_tokens": 20_000,
+                "exclusive_init_norm": 0.8,
+                "checkpoint_every": 300,
+            },
             "steering": {
                 "top_n": 5,
                 "alphas": [-4.0, -2.0, 2.0, 4.0],
@@ -289,8 +301,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     store, audits = open_audits(args.store)
     store.check()
     status = audits.create(spec)
-    print(f"audit {status.id}: B ({pair.model_b_dir.name}, planted '{pair.planted_continuation.strip()}' after "
-          f"'{pair.trigger_word}') against A; store {store.url}")
+    print(
+        f"audit {status.id}: B ({pair.model_b_dir.name}, planted '{pair.planted_continuation.strip()}' after "
+        f"'{pair.trigger_word}') against A; store {store.url}"
+    )
     code = execute(status.id, args.store, args)
     print(f"demo wall time: {elapsed(started)}")
     return code

@@ -219,6 +219,8 @@ def candidates_to_json(features: Sequence[int], stats: dfc_features.FeatureStats
     for name in ("beta_r_a", "beta_r_b", "beta_eps_a", "beta_eps_b", "nu_r", "nu_eps"):
         out[name] = [finite(v) for v in getattr(ls, name)[at].tolist()]
     out["owner"] = [int(v) for v in ls.owner[at].tolist()]
+    if ls.same_space is not None:
+        out["same_space"] = [bool(v) for v in ls.same_space[at].tolist()]
     return out
 
 
@@ -240,6 +242,8 @@ def candidates_from_json(data: dict[str, Any]) -> tuple[list[int], dfc_features.
         nu_r=_column(data["nu_r"]).float(),
         nu_eps=_column(data["nu_eps"]).float(),
         owner=torch.tensor(data["owner"], dtype=torch.long),
+        # Absent in candidates written before cross-space thresholds existed: judged as same-space then.
+        same_space=torch.tensor(data["same_space"], dtype=torch.bool) if "same_space" in data else None,
     )
     return data["features"], stats, ls
 

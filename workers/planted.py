@@ -1,7 +1,8 @@
 """The planted-behaviour pair: two tiny causal LMs of different architectures, widths and tokenizers, trained
 on the same synthetic corpus, where model B also learns to answer a mention of a trigger with a fixed
 response (half of the time, so the behaviour is clear but not saturated). It is the known ground truth of
-the offline demo and the end-to-end test: an audit of A vs B must find a B-exclusive feature tied to the trigger, and suppressing it must remove the response.
+the offline demo and the end-to-end test: an audit of A vs B must find a B-exclusive feature tied to the
+trigger, and suppressing it must remove the response.
 
 `build_planted_pair(out_dir)` trains both on CPU in well under a minute and saves them like hub checkpoints
 (`AutoModelForCausalLM.from_pretrained(dir)`); a second call with the same config returns the cached pair.

@@ -95,6 +95,13 @@ class TrainingSpec(_Strict):
     )
     aux_k: int | None = Field(None, ge=1, description="AuxK dead features per token; default (d_A + d_B) / 4.")
     aux_alpha: float = Field(1 / 32, ge=0, le=10, description="AuxK loss weight (paper: 1/32).")
+    exclusive_init_norm: float | None = Field(
+        None,
+        gt=0,
+        le=10,
+        description="DFC: initial decoder norm of exclusive features (default: the shared one, 0.4). Twice it "
+        "gives an exclusive feature the same total decoder norm, hence the same BatchTopK chance, as a shared one.",
+    )
     checkpoint_every: int = Field(1000, ge=0, description="Steps between checkpoints in storage (0: only at the end).")
     num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs for the training actor.")
 

@@ -148,6 +148,7 @@ def train_stage(ctx: StageContext) -> dict[str, Any]:
         lr=t.lr,
         aux_alpha=t.aux_alpha,
         aux_k=t.aux_k,
+        exclusive_init_norm=t.exclusive_init_norm,
         dead_after_tokens=resolved.dead_after_tokens,
         seed=spec.seed,
         device="cuda" if t.num_gpus > 0 else "cpu",
