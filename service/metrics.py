@@ -51,12 +51,11 @@ def summarise(status: AuditStatus) -> AuditSummary:
     )
 
 
-class StoreCollector(Collector):
-    """Audit metrics derived from the store on scrape."""
+class _CachedCollector(Collector):
+    """A collector whose metrics come from the store, computed at most once per ``cache_s`` seconds."""
 
-    def __init__(self, audits: AuditStore, cache_s: float) -> None:
-        self.audits, self.cache_s = audits, cache_s
-        self._finished: dict[str, AuditSummary] = {}
+    def __init__(self, cache_s: float) -> None:
+        self.cache_s = cache_s
         self._cached: tuple[float, list[Metric]] | None = None
         self._lock = threading.Lock()
 
@@ -71,6 +70,18 @@ class StoreCollector(Collector):
             metrics = self._scrape()
             self._cached = (time.monotonic(), metrics)
             return metrics
+
+    def _scrape(self) -> list[Metric]:
+        raise NotImplementedError
+
+
+class StoreCollector(_CachedCollector):
+    """Audit metrics derived from the store on scrape."""
+
+    def __init__(self, audits: AuditStore, cache_s: float) -> None:
+        super().__init__(cache_s)
+        self.audits = audits
+        self._finished: dict[str, AuditSummary] = {}
 
     def _read(self) -> dict[str, AuditSummary]:
         summaries: dict[str, AuditSummary] = {}
@@ -139,7 +150,7 @@ class StoreCollector(Collector):
         return family
 
 
-class ScreeningCollector(Collector):
+class ScreeningCollector(_CachedCollector):
     """The last screening run's summary, read from the bucket on scrape and reused for ``cache_s`` seconds.
 
     A scrape never fails because of it: an unreadable summary (storage down, a corrupt or foreign document)
@@ -147,21 +158,9 @@ class ScreeningCollector(Collector):
     """
 
     def __init__(self, store: ObjectStore, cache_s: float) -> None:
-        self.store, self.cache_s = store, cache_s
-        self._cached: tuple[float, list[Metric]] | None = None
+        super().__init__(cache_s)
+        self.store = store
         self._failing = False
-        self._lock = threading.Lock()
-
-    def describe(self) -> Iterable[Metric]:
-        return []  # as StoreCollector: registering must not read the bucket
-
-    def collect(self) -> Iterable[Metric]:
-        with self._lock:
-            if self._cached is not None and time.monotonic() - self._cached[0] < self.cache_s:
-                return self._cached[1]
-            metrics = self._scrape()
-            self._cached = (time.monotonic(), metrics)
-            return metrics
 
     def _scrape(self) -> list[Metric]:
         up = GaugeMetricFamily("dfc_screening_up", "1 if the last scrape could read the screening summary, else 0.")

@@ -9,10 +9,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from huggingface_hub import HfApi, constants
 
 from service.app import create_app
+from service.screen import AuditClient
 from service.settings import Settings
 from service.submit import SubmitError
+from tests.service.screen_servers import API_KEY as SCREEN_API_KEY
+from tests.service.screen_servers import ApiState, HubState, api_server, hub_server, populate
 
 API_KEY = "test-key-5f0c1d2e3a4b5c6d7e8f"
 OTHER_KEY = "second-key-00112233445566778899"
@@ -90,3 +94,32 @@ def anonymous(settings: Settings, submitter: FakeSubmitter) -> Iterator[TestClie
     """A client of a fresh app that sends no API key."""
     with TestClient(create_app(settings, submitter)) as c:
         yield c
+
+
+# --- the screening tests' stand-ins (tests/service/screen_servers.py), shared by test_screen*.py
+
+
+@pytest.fixture
+def hub_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/conftest.py sets HF_HUB_OFFLINE=1 so nothing reaches huggingface.co; the screening tests only
+    reach the stand-in Hub on 127.0.0.1, so they turn it back on."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def hub() -> Iterator[tuple[HubState, HfApi]]:
+    """A stand-in Hub on loopback holding `populate`'s releases, and a real `HfApi` client for it."""
+    state = HubState()
+    populate(state)
+    with hub_server(state) as endpoint:
+        yield state, HfApi(endpoint=endpoint, token=False)
+
+
+@pytest.fixture
+def api() -> Iterator[tuple[ApiState, AuditClient]]:
+    """A stand-in audit API on loopback that records submissions, and the screener's client for it."""
+    state = ApiState(api_key=SCREEN_API_KEY)
+    with api_server(state) as url:
+        client = AuditClient(url, SCREEN_API_KEY, timeout_s=10)
+        yield state, client
+        client.close()

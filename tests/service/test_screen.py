@@ -6,13 +6,12 @@ import datetime as dt
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi
 
 from service.screen import LATEST_KEY, WATERMARK_KEY, AuditClient, Screener, ScreeningSummary, main
 from service.watchlist import WatchList, WatchListError, load_watch_list
@@ -20,38 +19,11 @@ from tests.service.screen_servers import (
     API_KEY,
     NOW,
     WATCH,
-    ApiState,
-    HubState,
-    api_server,
     hub_model,
-    hub_server,
-    populate,
 )
 from workers.storage import LocalStore
 
-
-@pytest.fixture(autouse=True)
-def _hub_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
-    # tests/conftest.py sets HF_HUB_OFFLINE=1 so nothing reaches huggingface.co; these tests only reach
-    # the stand-in Hub on 127.0.0.1.
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-
-
-@pytest.fixture
-def hub() -> Iterator[tuple[HubState, HfApi]]:
-    state = HubState()
-    populate(state)
-    with hub_server(state) as endpoint:
-        yield state, HfApi(endpoint=endpoint, token=False)
-
-
-@pytest.fixture
-def api() -> Iterator[tuple[ApiState, AuditClient]]:
-    state = ApiState(api_key=API_KEY)
-    with api_server(state) as url:
-        client = AuditClient(url, API_KEY, timeout_s=10)
-        yield state, client
-        client.close()
+pytestmark = pytest.mark.usefixtures("hub_online")  # hub and api: tests/service/conftest.py
 
 
 @pytest.fixture

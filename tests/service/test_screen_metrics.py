@@ -8,12 +8,12 @@ import itertools
 import logging
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
@@ -23,15 +23,9 @@ from service.watchlist import WatchList
 from tests.fixtures.s3 import S3Server
 from tests.service.conftest import FakeSubmitter, make_settings
 from tests.service.screen_servers import (
-    API_KEY,
     NOW,
     WATCH,
-    ApiState,
-    HubState,
-    api_server,
     hub_model,
-    hub_server,
-    populate,
 )
 from workers.storage import LocalStore, ObjectStore
 
@@ -46,26 +40,7 @@ SCREENING_LAST_RUN = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _hub_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # only the stand-in Hub on 127.0.0.1 is reached
-
-
-@pytest.fixture
-def hub() -> Iterator[tuple[HubState, HfApi]]:
-    state = HubState()
-    populate(state)
-    with hub_server(state) as endpoint:
-        yield state, HfApi(endpoint=endpoint, token=False)
-
-
-@pytest.fixture
-def api() -> Iterator[tuple[ApiState, AuditClient]]:
-    state = ApiState(api_key=API_KEY)
-    with api_server(state) as url:
-        client = AuditClient(url, API_KEY, timeout_s=10)
-        yield state, client
-        client.close()
+pytestmark = pytest.mark.usefixtures("hub_online")  # hub and api: tests/service/conftest.py
 
 
 def ticking(start: dt.datetime) -> Callable[[], dt.datetime]:
