@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dfc.align import align_offsets
 from dfc.config import CrosscoderConfig
 from dfc.crosscoder import Crosscoder
+from dfc.divergence import score_under, screen_removal
 from dfc.features import PairedTokens, context_record, scan_features
 from dfc.hooks import find_decoder_layers, iter_document_activations, resolve_layer
 from dfc.metrics import evaluate, latent_scaling
@@ -231,31 +232,27 @@ def gated_report(b: tuple[Any, Any], pair: Any, gate: FeatureGate, layer: int, d
     return rows
 
 
-def analyse_dfc(cc: Crosscoder, data: PairedCorpus, b: tuple[Any, Any], pair: Any, layer: int, args) -> dict:
+def analyse_dfc(cc: Crosscoder, data: PairedCorpus, models: dict, pair: Any, layer: int, args) -> dict:
     """Rank B-exclusive features as an audit would, then score the ranking against the planted truth."""
-    model_b, tok_b = b
+    model_b, tok_b = b = models["b"]
     b_only = list(cc.config.b_only_features)
     scan = scan_features(cc, data.batches(4096), b_only, top_n=10, per_document=1, n_sample=5)
     ls = latent_scaling(cc, ((t.x_a, t.x_b) for t in data.batches(4096)), b_only)
-    # Causal evidence: next-token KL right where the feature fires most, when it is removed there (gated,
-    # α = -1) or when -s_max·d is added at every position (additive, which also measures sheer vector size).
-    effects: dict[str, dict[int, float]] = {"gated": {}, "additive": {}}
+    # Causal and behavioural evidence, as the steer stage gathers it: remove each feature where it fires on its
+    # top contexts (gated, α = -1), record the next-token KL and what it was making B say, and ask A about that.
+    screens = {}
     for f in b_only:
         top = scan.contexts.top.get(f, [])[: args.steer_contexts]
         if top:
             prompts = [data.token_ids_b[r.document][: r.position_b + 1] for r in top]
-            s_max, d_b = float(scan.stats.max[scan.stats.index(f)]), cc.decoder_directions(f)[1]
-            for kind, spec in (
-                ("gated", Steering(layer, d_b, -1.0, 1.0, FeatureGate.of(cc, f))),
-                ("additive", Steering(layer, d_b, -1.0, s_max)),
-            ):
-                effects[kind][f] = next_token_kl(model_b, None, prompts, spec, last_only=True)
+            removal = Steering(layer, cc.decoder_directions(f)[1], -1.0, 1.0, FeatureGate.of(cc, f))
+            screens[f] = score_under(*models["a"], screen_removal(model_b, tok_b, prompts, removal))
     weights = dfc_weights(SpecRankingWeights())  # the audit's defaults, as the demo ranks
-    rankings = {
-        kind: rank_features(b_only, scan.stats, latent_scaling=ls, steering_effect=effect, weights=weights)
-        for kind, effect in effects.items()
-    }
-    ranking = rankings["gated"]
+    kl = {f: s.kl for f, s in screens.items()}
+    divergence = {f: v for f, s in screens.items() if (v := s.divergence()) is not None}
+    ranking = rank_features(b_only, scan.stats, latent_scaling=ls, steering_effect=kl, divergence=divergence,
+                            weights=weights)  # fmt: skip
+    without = rank_features(b_only, scan.stats, latent_scaling=ls, steering_effect=kl, weights=weights)
 
     acts = dense_activations(cc, data)
     det = detection(acts, data.trigger_end)
@@ -279,7 +276,9 @@ def analyse_dfc(cc: Crosscoder, data: PairedCorpus, b: tuple[Any, Any], pair: An
         "dead_fraction": evaluation.dead_fraction,
         "planted_feature": planted,
         "rank": ranking.rank_of(planted),
-        "rank_with_additive_steering_effect": rankings["additive"].rank_of(planted),
+        "rank_without_divergence": without.rank_of(planted),
+        "divergence_nats": divergence.get(planted),
+        "divergent_tokens": [c.to_dict() for c in screens[planted].continuations[:3]] if planted in screens else [],
         "n_ranked": len(b_only),
         "ranked_by_detection": sorted(b_only, key=lambda f: -float(det["f1"][f])).index(planted) + 1,
         "precision": float(det["precision"][planted]), "recall": float(det["recall"][planted]),
@@ -296,7 +295,8 @@ def analyse_dfc(cc: Crosscoder, data: PairedCorpus, b: tuple[Any, Any], pair: An
         "s_max": s_max,
         "ranking": [[r.feature, round(r.score, 3)] for r in ranking.features],
         "top5": [
-            {**r.to_dict(), "f1": float(det["f1"][r.feature]), "contexts": [c.marked() for c in text_of(r.feature)[:2]]}
+            {**r.to_dict(), "f1": float(det["f1"][r.feature]), "contexts": [c.marked() for c in text_of(r.feature)[:2]],
+             "says": [c.text for c in screens[r.feature].continuations[:1]] if r.feature in screens else []}
             for r in ranking.features[:5]
         ],
         "steering": steering_report(b, pair, layer, direction, s_max, args),
@@ -379,7 +379,7 @@ def main() -> None:
     for seed in range(args.seeds):
         dfc = train_crosscoder(data, "dfc", args, seed)
         lap(f"train_dfc_seed{seed}")
-        dfc_result = analyse_dfc(dfc, data, models["b"], pair, layers["b"], args)
+        dfc_result = analyse_dfc(dfc, data, models, pair, layers["b"], args)
         lap(f"analyse_dfc_seed{seed}")
         standard = train_crosscoder(data, "standard", args, seed)
         standard_result = analyse_standard(standard, data)
@@ -422,6 +422,7 @@ def _headline(runs: list[dict]) -> dict:
         "seeds_top3": sum(_found(r) and r["dfc"]["rank"] <= 3 for r in runs),
         "standard_ranks": [r["standard"]["rank"] for r in runs],
         "dfc_ranks": [r["dfc"]["rank"] for r in runs],
+        "dfc_ranks_without_divergence": [r["dfc"]["rank_without_divergence"] for r in runs],
     }  # fmt: skip
 
 

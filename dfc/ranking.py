@@ -33,6 +33,10 @@ class RankingWeights:
     """Frequencies below this count as this; a feature that fired even once on 1M tokens still scores > 0."""
     steering: float = 1.0
     """Weight of the measured steering effect, normalised by the largest one; unmeasured features get 0."""
+    divergence: float = 2.0
+    """Weight of the behavioural divergence from the other model (``dfc.divergence``: how much the feature moves
+    its model toward text the other would not write), normalised by the largest; negative or unmeasured → 0.
+    The heaviest weight: it is what separates a new behaviour from a new encoding of a shared one."""
     latent_scaling_penalty: float = 1.0
     """Subtracted from the score of a feature that fails the "truly exclusive" Latent Scaling test."""
     nu_eps_max: float = 0.2
@@ -66,6 +70,10 @@ class RankedFeature:
     frequency: float
     steering: float | None
     """None when not measured."""
+    divergence: float | None
+    """Normalised divergence component (None when not measured)."""
+    divergence_nats: float | None
+    """The raw divergence in nats per context (None when not measured)."""
     passes_latent_scaling: bool | None
     """None when Latent Scaling was not computed for it."""
     nu_eps: float | None
@@ -128,17 +136,19 @@ def rank_features(
     *,
     latent_scaling: LatentScaling | None = None,
     steering_effect: Mapping[int, float] | None = None,
+    divergence: Mapping[int, float] | None = None,
     weights: RankingWeights = RankingWeights(),
 ) -> FeatureRanking:
     """Score and sort ``features``; each result carries its score and every component.
 
-    ``score = w_s·strength + w_f·frequency + w_st·steering − w_ls·[fails Latent Scaling]``, where strength
-    is the max (or mean) activation over the strongest candidate's, frequency is log-scaled between
-    ``frequency_floor`` and 1, and steering is a magnitude (e.g. next-token KL when suppressed) over the
-    largest one measured. Latent Scaling passes when ``ν_ε`` and ``ν_r`` are below the thresholds
-    ``RankingWeights.thresholds`` gives the feature (same-space or cross-space); a feature with no ``ν_ε``
-    (or a non-finite one) is neither penalised nor passed. Features
-    that never fired come last whatever their score: there is nothing to show an auditor.
+    ``score = w_s·strength + w_f·frequency + w_st·steering + w_d·divergence − w_ls·[fails Latent Scaling]``,
+    where strength is the max (or mean) activation over the strongest candidate's, frequency is log-scaled
+    between ``frequency_floor`` and 1, steering is a magnitude (e.g. next-token KL when removed) over the
+    largest one measured, and divergence (``dfc.divergence``, nats) is its positive part over the largest.
+    Latent Scaling passes when ``ν_ε`` and ``ν_r`` are below the thresholds ``RankingWeights.thresholds`` gives
+    the feature (same-space or cross-space); a feature with no ``ν_ε`` (or a non-finite one) is neither
+    penalised nor passed. Features that never fired come last whatever their score: there is nothing to show an
+    auditor.
     """
     feats = [int(f) for f in torch.as_tensor(features, dtype=torch.long).reshape(-1).tolist()]
     rows = [stats.index(f) for f in feats]
@@ -150,10 +160,13 @@ def rank_features(
     frequency[stats.count[rows] == 0] = 0.0  # a feature that never fired has no frequency to speak of
     measured = {f: v for f in feats if (v := _lookup(steering_effect, f)) is not None}
     largest = max((abs(v) for v in measured.values()), default=0.0)
+    diverging = {f: v for f in feats if (v := _lookup(divergence, f)) is not None}
+    most = max((max(v, 0.0) for v in diverging.values()), default=0.0)
     table = _latent_scaling_table(latent_scaling)
     scored: list[tuple[float, int, dict[str, Any]]] = []
     for i, f in enumerate(feats):
         steer = abs(measured[f]) / largest if f in measured and largest > 0 else (0.0 if f in measured else None)
+        div = (max(diverging[f], 0.0) / most if most > 0 else 0.0) if f in diverging else None
         fired = int(stats.count[rows[i]]) > 0
         # Latent Scaling of a feature that never fired is 0/0, not evidence of exclusivity.
         nu_eps = _lookup(table[0], f) if table and fired else None
@@ -168,10 +181,12 @@ def rank_features(
             weights.strength * float(strength[i])
             + weights.frequency * float(frequency[i])
             + weights.steering * (steer or 0.0)
+            + weights.divergence * (div or 0.0)
             - weights.latent_scaling_penalty * (passes is False)
         )
         parts = {
             "strength": float(strength[i]), "frequency": float(frequency[i]), "steering": steer,
+            "divergence": div, "divergence_nats": diverging.get(f),
             "passes_latent_scaling": passes, "nu_eps": nu_eps, "nu_r": nu_r,
             "nu_eps_max": eps_max if nu_eps is not None else None, "nu_r_max": r_max if nu_eps is not None else None,
         }  # fmt: skip

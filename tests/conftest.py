@@ -18,4 +18,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.tiny_models",
     "tests.fixtures.prod_tokenizers",
+    "tests.fixtures.planted",
 ]

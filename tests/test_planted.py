@@ -37,8 +37,8 @@ class Loaded(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> PlantedPair:
-    return build_planted_pair(tmp_path_factory.mktemp("planted"), CONFIG)
+def pair(planted_pair: PlantedPair) -> PlantedPair:
+    return planted_pair
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,15 @@
-"""The last three stages of an audit: analyse the trained crosscoder, steer the owning models, publish the report.
+"""Two of the last three stages of an audit: analyse the trained crosscoder, publish the report.
 
 analyse → ``analysis/features.json``: statistics, top contexts, Latent Scaling, nearest shared feature and a first
-ranking of the features exclusive to each model, plus a summary of the shared ones. steer →
-``analysis/steering.json``: promoted tokens and steering sweeps of the top features, and the ranking with the
-steering effect as a component. publish → ``report/report.json`` then ``report/report.html`` (SCIENCE.md §6, §8).
+ranking of the features exclusive to each model, plus a summary of the shared ones. The steer stage between them
+(``workers/steer.py``) writes ``analysis/steering.json``. publish → ``report/report.json`` then
+``report/report.html`` (SCIENCE.md §6, §8).
 """
 
 from __future__ import annotations
 
-import gc
-import statistics
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -26,26 +24,19 @@ from dfc.features import (
     scan_features,
 )
 from dfc.metrics import latent_scaling
-from dfc.promoted import direct_logit_attribution
 from dfc.ranking import FeatureRanking, RankedFeature, RankingWeights, rank_features
-from dfc.steering import FeatureGate, Steering, next_token_kl, steering_sweep
 from workers.analysis_data import (
     AnalysedPairs,
-    LocatedToken,
     OrderedPairs,
     architecture_name,
     build_report,
-    candidates_from_json,
     candidates_to_json,
     load_crosscoder,
-    load_revision,
     load_tokenizer,
     locate_tokens,
     select_pairs,
 )
 from workers.context import StageContext
-from workers.extract import torch_dtype
-from workers.loading import load_model
 from workers.report.html import render_html
 from workers.spec import AuditSpec
 from workers.spec import RankingWeights as SpecRankingWeights
@@ -76,7 +67,7 @@ def device() -> str:
 def dfc_weights(w: SpecRankingWeights) -> RankingWeights:
     """An audit spec's ``ranking`` section in the science library's terms."""
     return RankingWeights(
-        strength=w.strength, frequency=w.frequency, steering=w.steering,
+        strength=w.strength, frequency=w.frequency, steering=w.steering, divergence=w.divergence,
         latent_scaling_penalty=w.false_positive_penalty, nu_eps_max=w.nu_eps_max, nu_r_max=w.nu_r_max,
         nu_eps_max_cross=w.nu_eps_max_cross, nu_r_max_cross=w.nu_r_max_cross,
     )  # fmt: skip
@@ -88,12 +79,14 @@ def ranked_json(entry: RankedFeature, weights: RankingWeights) -> dict[str, Any]
         "strength": entry.strength,
         "frequency": entry.frequency,
         "steering": entry.steering or 0.0,
+        "divergence": entry.divergence or 0.0,
         "fails_latent_scaling": float(entry.passes_latent_scaling is False),
     }
     weight = {
         "strength": weights.strength,
         "frequency": weights.frequency,
         "steering": weights.steering,
+        "divergence": weights.divergence,
         "fails_latent_scaling": -weights.latent_scaling_penalty,
     }
     return {**entry.to_dict(), "components": components, "weights": weight}
@@ -295,151 +288,6 @@ def _model_info(spec: AuditSpec, extracted: dict[str, Any], stream: OrderedPairs
         "tokenizer": f"{type(tok).__name__} of {extracted['model_id']}",
         "corpus": manifest.metadata.get("corpus", {}),
     }
-
-
-# ---------------------------------------------------------------------------------------------- steer
-def _direction(cc: Crosscoder, feature: int, side: str) -> torch.Tensor:
-    d_a, d_b = cc.decoder_directions(feature, raw_scale=True)
-    direction = d_a if side == "a" else d_b
-    assert direction is not None, f"feature {feature} has no decoder for model {side.upper()}"
-    return direction.cpu()
-
-
-class SteeringPrompts(NamedTuple):
-    """What one feature is steered on."""
-
-    feature: list[torch.Tensor]
-    """Token ids of its top contexts up to and including the token it fired on (exact, not re-tokenised text)."""
-    probes: list[str]
-    """The spec's probe prompts and the ends of its first contexts, continued greedily."""
-    neutral: list[torch.Tensor]
-    """Openings of corpus documents where it does not fire (any openings if it fires in all of them)."""
-    neutral_docs: list[int]
-    neutral_is_clean: bool
-
-
-def _prompts(ctx: StageContext, tok: Any, side: str, record: dict[str, Any], located: dict[int, LocatedToken],
-             pool: list[dict[str, Any]]) -> SteeringPrompts:  # fmt: skip
-    f = record["feature"]
-    feature = []
-    for c in record["contexts"][:FEATURE_PROMPTS]:
-        loc = located[c["index"]]
-        feature.append(torch.tensor(loc.token_ids[max(0, loc.position + 1 - PROMPT_TOKENS) : loc.position + 1]))
-    texts = [tok.decode(ids[-PROBE_TOKENS:], skip_special_tokens=True) for ids in feature[:PROBE_CONTEXTS]]
-    quiet = [p for p in pool if f not in p["fired"]]
-    chosen = (quiet or pool)[:NEUTRAL_PROMPTS]
-    neutral = [torch.tensor(located[p[f"index_{side}"]].token_ids[: located[p[f"index_{side}"]].position + 1])
-               for p in chosen]  # fmt: skip
-    # Repeated documents give repeated contexts; a prompt is continued once, since the report groups by prompt.
-    probes = list(dict.fromkeys([*ctx.spec.steering.probe_prompts, *(t for t in texts if t.strip())]))
-    return SteeringPrompts(feature, probes, neutral, [p["doc_id"] for p in chosen], bool(quiet))
-
-
-def _steer_feature(ctx: StageContext, cc: Crosscoder, loaded: Any, side: str, record: dict[str, Any],
-                   prompts: SteeringPrompts, promoted: list[int]) -> dict[str, Any]:  # fmt: skip
-    """Additive (and, for a DFC feature, gated) sweeps, a random-direction control and the ranking's effect."""
-    s, f = ctx.spec.steering, record["feature"]
-    model, tok, layer = loaded.model, loaded.tokenizer, ctx.outputs["extract"][side]["layer_index"]
-    s_max, d = record["stats"]["max_activation"], _direction(cc, f, side)
-    c = cc.config
-    gate = FeatureGate.of(cc, f) if f in c.a_only_features or f in c.b_only_features else None
-    common: dict[str, Any] = dict(feature_prompts=prompts.feature, neutral_prompts=prompts.neutral,
-                                  promoted_token_ids=promoted)  # fmt: skip
-    generate = dict(probe_prompts=prompts.probes, max_new_tokens=s.max_new_tokens)
-    additive = steering_sweep(model, tok, layer, d, s_max, s.alphas, **common, **generate)
-    gated = None if gate is None else steering_sweep(model, tok, layer, d, s_max, s.alphas, gate=gate, **common,
-                                                      **generate)  # fmt: skip
-    g = torch.Generator().manual_seed(ctx.spec.seed * 1_000_003 + f)
-    random = torch.randn(d.shape, generator=g)
-    control = steering_sweep(model, tok, layer, random * (d.norm() / random.norm()), s_max, s.alphas, **common)
-    ratio = statistics.median(
-        r.kl_feature / max(p.kl_feature, 1e-12) for r, p in zip(control.points, additive.points, strict=True)
-    )
-    # The ranking's effect: how much removing the feature where it fires (gated, exact for DFC) or subtracting
-    # s_max·d everywhere (additive) changes the prediction right after the token it fired on.
-    removal = Steering(layer, d, -1.0, 1.0, gate) if gate is not None else Steering(layer, d, -1.0, s_max)
-    return {
-        "feature": f,
-        "s_max": s_max,
-        "layer": layer,
-        "effect": next_token_kl(model, None, prompts.feature, removal, last_only=True),
-        "effect_measure": "gated_removal_kl" if gate is not None else "additive_suppression_kl",
-        "feature_prompts": [tok.decode(ids, skip_special_tokens=False) for ids in prompts.feature],
-        "neutral_docs": prompts.neutral_docs,
-        "neutral_prompts_avoid_feature": prompts.neutral_is_clean,
-        "sweeps": {"additive": additive.to_dict(), "gated": None if gated is None else gated.to_dict()},
-        "random_control": {
-            "kl_feature": [p.kl_feature for p in control.points],
-            "kl_neutral": [p.kl_neutral for p in control.points],
-            "median_ratio": ratio,
-            "comparable": ratio >= COMPARABLE_RANDOM,
-        },
-    }
-
-
-def _steer_side(ctx: StageContext, cc: Crosscoder, side: str, analysis: dict[str, Any], done: int) -> dict[str, Any]:
-    """Load the model once; promoted tokens of every reported feature, steering of the top ones, the new ranking."""
-    records, extracted = analysis["features"][side], ctx.outputs["extract"][side]
-    ref = ctx.spec.model_a if side == "a" else ctx.spec.model_b
-    on_gpu = torch.cuda.is_available()
-    loaded = load_model(
-        extracted["model_id"],
-        revision=load_revision(extracted),
-        dtype=torch_dtype(ref.dtype),
-        device_map=ref.device_map if on_gpu else None,
-    )  # full depth: steering reads the logits
-    mean = torch.tensor(analysis["mean_activation"][side])
-    promoted = {}
-    for r in records:
-        d = _direction(cc, r["feature"], side) * r["stats"]["max_activation"]
-        promoted[str(r["feature"])] = direct_logit_attribution(
-            loaded.model, d, k=PROMOTED_K, mean_activation=mean, tokenizer=loaded.tokenizer
-        ).to_dict()
-    steered = records[: ctx.spec.steering.top_n]  # the reported features are the first ranking's top
-    need = {c["index"] for r in steered for c in r["contexts"][:FEATURE_PROMPTS]}
-    need |= {p[f"index_{side}"] for p in analysis["neutral_pool"]}
-    located = locate_tokens(ctx.store, extracted["prefix"], need)
-    results = []
-    for r in steered:
-        ctx.check_cancelled()
-        prompts = _prompts(ctx, loaded.tokenizer, side, r, located, analysis["neutral_pool"])
-        results.append(_steer_feature(ctx, cc, loaded, side, r, prompts, promoted[str(r["feature"])]["top_ids"]))
-        done += 1
-        ctx.report_progress(done / _steering_total(ctx, analysis), steered_features=done)
-    feats, stats, ls = candidates_from_json(analysis["candidates"][side])
-    weights = dfc_weights(ctx.spec.ranking)
-    ranking = rank_features(feats, stats, latent_scaling=ls, weights=weights,
-                            steering_effect={r["feature"]: r["effect"] for r in results})  # fmt: skip
-    reported = {r["feature"] for r in records}
-    return {
-        "model": ref.id,
-        "promoted": promoted,
-        "features": results,
-        "ranking": [ranked_json(e, weights) for e in ranking.features if e.feature in reported],
-    }
-
-
-def _steering_total(ctx: StageContext, analysis: dict[str, Any]) -> int:
-    return max(1, sum(min(ctx.spec.steering.top_n, len(analysis["features"][side])) for side in SIDES))
-
-
-def steer_stage(ctx: StageContext) -> dict[str, Any]:
-    """Promoted tokens, steering sweeps and the steering-aware ranking of each model's top features."""
-    if not ctx.spec.steering.enabled:
-        return {"skipped": True, "reason": "steering.enabled is false in the audit spec"}
-    analysis = ctx.store.get_json(ctx.outputs["analyse"]["features_json"])
-    cc = load_crosscoder(ctx.store, ctx.outputs["train"]["final_prefix"], ctx.work_dir / "steer" / "crosscoder")
-    sides: dict[str, Any] = {}
-    for side in SIDES:
-        if analysis["features"][side]:
-            ctx.check_cancelled()
-            done = sum(len(v["features"]) for v in sides.values())
-            sides[side] = _steer_side(ctx, cc, side, analysis, done)
-            gc.collect()  # one model in memory at a time
-    key = ctx.key("analysis/steering.json")
-    ctx.store.put_json(key, {"version": 1, "alphas": list(ctx.spec.steering.alphas), "sides": sides})
-    ctx.report_progress(1.0, force=True)
-    return {"skipped": False, "steering_json": key, **{f"steered_{k}": len(v["features"]) for k, v in sides.items()}}
 
 
 # ---------------------------------------------------------------------------------------------- publish

@@ -33,6 +33,8 @@ from workers.report.schema import (
     Continuation,
     CorpusInfo,
     CrosscoderInfo,
+    Divergence,
+    DivergentToken,
     FalsePositiveChecks,
     FeatureReport,
     FeatureStats,
@@ -289,6 +291,16 @@ def _steering_results(steered: dict[str, Any] | None) -> list[SteeringResult]:
     ]  # fmt: skip
 
 
+def _divergence(screen: dict[str, Any] | None) -> Divergence | None:
+    """The screen's divergence evidence, most divergent promoted tokens first (None when not measured)."""
+    if screen is None or screen["divergence"] is None:
+        return None
+    tokens = [DivergentToken(**c) for c in screen["continuations"]]
+    tokens.sort(key=lambda t: -t.gain * (t.logprob_owner - t.logprob_other))
+    return Divergence(nats=screen["divergence"], removal_kl=max(0.0, screen["kl"]), contexts=screen["n_contexts"],
+                      tokens=tokens)  # fmt: skip
+
+
 def _checks(entry: dict[str, Any], record: dict[str, Any], steered: dict[str, Any] | None,
             weights: RankingWeights) -> FalsePositiveChecks:  # fmt: skip
     flags = []
@@ -333,6 +345,7 @@ def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any
     order = steer_side["ranking"] if steer_side else analysis["features"][side]
     steered = {r["feature"]: r for r in steer_side["features"]} if steer_side else {}
     promoted = steer_side["promoted"] if steer_side else {}
+    screens = steer_side.get("screens", {}) if steer_side else {}
     out = []
     for rank, entry in enumerate(order, start=1):
         f, record = entry["feature"], records[entry["feature"]]
@@ -347,7 +360,7 @@ def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any
             promoted_tokens=_tokens(promoted.get(str(f)), "top"),
             suppressed_tokens=_tokens(promoted.get(str(f)), "bottom"),
             checks=_checks(entry, record, steered.get(f), weights),
-            steering=_steering_results(steered.get(f)),
+            steering=_steering_results(steered.get(f)), divergence=_divergence(screens.get(str(f))),
         ))  # fmt: skip
     return out
 

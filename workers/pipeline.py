@@ -4,8 +4,8 @@ extract → align → train → analyse → steer → publish. Each stage writes
 ``audits/{id}/stages/{stage}.json``; a stage whose manifest exists is skipped, so a crashed or cancelled audit
 resumes where it stopped and nothing is computed twice. Stage names key the manifests and
 ``StageContext.outputs``; status.json speaks in states (``extracting``…), ``stage_seconds`` included.
-The first three stages are in ``workers/stages.py``; analyse, steer and publish in ``workers/analyse.py``,
-imported when they run.
+The first three stages are in ``workers/stages.py``; analyse and publish in ``workers/analyse.py`` and steer in
+``workers/steer.py``, imported when they run.
 """
 
 from __future__ import annotations
@@ -39,17 +39,17 @@ class Stage(NamedTuple):
     run: StageFn
 
 
-def _deferred(name: str) -> StageFn:
-    """A stage function of ``workers.analyse``, imported when it runs (it pulls in the heavier analysis code)."""
+def _deferred(name: str, module_name: str = "workers.analyse") -> StageFn:
+    """A stage function imported when it runs (it pulls in the heavier analysis code)."""
 
     def run(ctx: StageContext) -> dict[str, Any]:
         try:
-            module = importlib.import_module("workers.analyse")
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name != "workers.analyse":
+            if exc.name not in (module_name, "workers.analyse"):
                 raise
             raise NotImplementedError(
-                f"the {name.removesuffix('_stage')} stage is missing from this installation (no workers/analyse.py); "
+                f"the {name.removesuffix('_stage')} stage is missing from this installation (no {exc.name}); "
                 "install the full package, or stop the audit after training"
             ) from None
         stage: StageFn = getattr(module, name)
@@ -64,7 +64,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("align", AuditState.ALIGNING, align_stage),
     Stage("train", AuditState.TRAINING, train_stage),
     Stage("analyse", AuditState.ANALYSING, _deferred("analyse_stage")),
-    Stage("steer", AuditState.STEERING, _deferred("steer_stage")),
+    Stage("steer", AuditState.STEERING, _deferred("steer_stage", "workers.steer")),
     Stage("publish", AuditState.PUBLISHING, _deferred("publish_stage")),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGE_TABLE)

@@ -138,6 +138,11 @@ class RankingWeights(_Strict):
     frequency: float = Field(1.0, description="Weight of the log activation frequency.")
     false_positive_penalty: float = Field(1.0, ge=0, description="Penalty for failing the Latent Scaling checks.")
     steering: float = Field(1.0, description="Weight of the measured steering effect.")
+    divergence: float = Field(
+        2.0,
+        description="Weight of the behavioural divergence from the other model (how much the feature moves its "
+        "model toward text the other would not write; measured in the steering stage).",
+    )
     nu_eps_max: float = Field(
         0.2, gt=0, description="Latent Scaling ν_ε threshold where the other model has a decoder (paper: 0.2)."
     )

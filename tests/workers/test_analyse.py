@@ -141,27 +141,37 @@ def test_every_context_marks_a_token_that_occurs_in_its_stored_document(audit):
     assert checked >= 10
 
 
-def test_steering_records_both_variants_for_each_alpha_and_feeds_the_ranking(audit):
+def test_steering_screens_every_reported_feature_and_sweeps_the_final_top(audit):
     steering = audit.json("analysis/steering.json")
     report = audit.report()
     for side, features in (("a", report.features_a), ("b", report.features_b)):
+        screens = steering["sides"][side]["screens"]
+        # Every reported feature is screened: removal KL, what it makes its model say, the other model's view.
+        assert set(screens) == {str(f.index) for f in features}
+        for f in features:
+            screen = screens[str(f.index)]
+            assert screen["effect_measure"] == "gated_removal_kl" and screen["kl"] >= 0  # DFC features are gated
+            assert f.divergence is not None and f.divergence.removal_kl == pytest.approx(max(0.0, screen["kl"]))
+            assert all(t.gain > 0 and t.logprob_owner <= 0 and t.logprob_other <= 0 for t in f.divergence.tokens)
+            expected = sum(t.gain * (t.logprob_owner - t.logprob_other) for t in f.divergence.tokens)
+            assert f.divergence.nats == pytest.approx(expected / f.divergence.contexts)
+        # The sweeps go to the features that rank first once the screens are in.
         steered = steering["sides"][side]["features"]
-        assert len(steered) == STEERED
+        assert [r["feature"] for r in steered] == [f.index for f in features[:STEERED]]
         for record in steered:
             assert [p["alpha"] for p in record["sweeps"]["additive"]["points"]] == ALPHAS
             assert [p["alpha"] for p in record["sweeps"]["gated"]["points"]] == ALPHAS  # DFC features are gated
-            assert record["effect_measure"] == "gated_removal_kl" and record["effect"] >= 0
             assert len(record["random_control"]["kl_feature"]) == len(ALPHAS)
             probes = record["sweeps"]["additive"]["probe_prompts"]
             assert probes[0] == "The capital of France is" and len(set(probes)) == len(probes) > 1
-        with_steering = [f for f in features if f.steering]
-        assert {f.index for f in with_steering} == {r["feature"] for r in steered}
-        for f in with_steering:
+        for f in features[:STEERED]:
             assert [s.alpha for s in f.steering] == ALPHAS
             assert f.steering[0].continuations[0].prompt == "The capital of France is"
-            assert f.score_components["steering"] > 0 or f.steering[0].kl_feature_prompts == 0
-        top = max(with_steering, key=lambda f: f.score_components["steering"])
-        assert top.score_components["steering"] == pytest.approx(1.0)  # normalised by the largest effect
+        assert all(not f.steering for f in features[STEERED:])
+        # Both causal components are normalised by the largest value among the screened features.
+        assert max(f.score_components["steering"] for f in features) == pytest.approx(1.0)
+        most = max(features, key=lambda f: f.divergence.nats)
+        assert most.divergence.nats <= 0 or most.score_components["divergence"] == pytest.approx(1.0)
 
 
 def test_publish_writes_the_html_last_with_the_top_features_card(audit):

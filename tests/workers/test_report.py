@@ -70,7 +70,7 @@ def test_report_round_trips_exactly_through_json(report: AuditReport) -> None:
     again = AuditReport.model_validate_json(text)
     assert again == report
     assert again.model_dump_json() == text
-    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.1"
+    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.2"
 
 
 def test_every_schema_field_has_a_description() -> None:

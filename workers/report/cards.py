@@ -9,7 +9,14 @@ from __future__ import annotations
 import html
 from collections.abc import Collection
 
-from workers.report.schema import Context, FalsePositiveChecks, FeatureReport, SteeringResult, TokenValue
+from workers.report.schema import (
+    Context,
+    Divergence,
+    FalsePositiveChecks,
+    FeatureReport,
+    SteeringResult,
+    TokenValue,
+)
 
 PREFIX_CHARS = 140
 SUFFIX_CHARS = 90
@@ -150,6 +157,37 @@ def _steering_html(steering: list[SteeringResult]) -> tuple[str, str]:
     return table, heading + "".join(examples)
 
 
+def _divergence_html(divergence: Divergence | None, owner: str) -> str:
+    """What removing the feature takes away from its model, and how likely the other model finds that text."""
+    if divergence is None:
+        return '<p class="muted">Not measured (steering was not run).</p>'
+    other = "A" if owner == "B" else "B"
+    seen: set[str | None] = set()
+    rows = []
+    for t in divergence.tokens:
+        if t.text in seen:
+            continue
+        seen.add(t.text)
+        text = "end of text" if t.text is None else token_text(t.text)
+        rows.append(
+            f"<tr><td><code>{esc_visible(text)}</code></td><td>{t.gain:+.3f}</td><td>{t.logprob_owner:.1f}</td>"
+            f"<td>{t.logprob_other:.1f}</td></tr>"
+        )
+        if len(rows) == 5:
+            break
+    table = (
+        f'<table class="num"><thead><tr><th>next token</th><th title="probability the feature adds">Δp</th>'
+        f"<th>log p {owner}</th><th>log p {other}</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        if rows
+        else ""
+    )
+    return (
+        f'<p><b>{divergence.nats:.2f}</b> nats per context: removing the feature where it fires '
+        f"(KL {divergence.removal_kl:.3f}) takes these next tokens away from {owner}; how likely is each "
+        f"after the same text for {other}?</p>{table}"
+    )
+
+
 def feature_card(feature: FeatureReport, model_id: str, shared_listed: Collection[int] = ()) -> str:
     """The full card of one feature: contexts, tokens, checks, steering and score breakdown.
 
@@ -196,6 +234,7 @@ def feature_card(feature: FeatureReport, model_id: str, shared_listed: Collectio
       <h4>Tokens it promotes</h4>{_chips(feature.promoted_tokens, "up")}
       <h4>Tokens it suppresses</h4>{_chips(feature.suppressed_tokens, "down")}
       <h4>False-positive checks</h4>{_checks_html(feature.checks, shared_listed)}
+      <h4>New behaviour? What it makes {feature.owner} say</h4>{_divergence_html(feature.divergence, feature.owner)}
     </section>
   </div>
   {steer_examples}

@@ -19,6 +19,8 @@ from workers.report.schema import (
     Continuation,
     CorpusInfo,
     CrosscoderInfo,
+    Divergence,
+    DivergentToken,
     Explanation,
     FalsePositiveChecks,
     FeatureReport,
@@ -200,14 +202,25 @@ def _feature(rng: random.Random, owner: Owner, i: int, index: int, flagship: boo
         )
         for a in alphas
     ]
+    # Flagship behaviours are what the other model would not say; generic features are re-encodings (≈ 0 nats).
+    gap = rng.uniform(6.0, 12.0) if flagship else rng.uniform(-0.5, 1.0)
+    tokens = [
+        DivergentToken(context=prompt, text=t, gain=round(0.3 / (j + 1), 3), logprob_owner=round(-0.5 - j, 2),
+                       logprob_other=round(min(0.0, -0.5 - j - gap), 2))
+        for j, t in enumerate(promoted[:3])
+    ]  # fmt: skip
+    nats = round(sum(t.gain * (t.logprob_owner - t.logprob_other) for t in tokens), 4)
+    divergence = Divergence(nats=nats, removal_kl=round(strength * rng.uniform(0.1, 0.3), 4), contexts=1,
+                            tokens=tokens)  # fmt: skip
     # Named and weighted like dfc.ranking.rank_features: the Latent Scaling penalty is a negative weight.
     components = {
         "strength": round(max_act / 28.0, 4),
         "frequency": round((math.log(frequency) - math.log(1e-6)) / -math.log(1e-6), 4),
         "steering": round(strength if flagship else strength * rng.uniform(0.7, 1.0), 4),
+        "divergence": round(max(0.0, nats) / 6.0, 4),
         "latent_scaling_failed": 0.0 if nu_eps < 0.2 and nu_r < 0.5 else 1.0,
     }
-    weights = {"strength": 1.0, "frequency": 0.5, "steering": 1.0, "latent_scaling_failed": -1.0}
+    weights = {"strength": 1.0, "frequency": 0.5, "steering": 1.0, "divergence": 2.0, "latent_scaling_failed": -1.0}
     return FeatureReport(
         index=index,
         owner=owner,
@@ -232,6 +245,7 @@ def _feature(rng: random.Random, owner: Owner, i: int, index: int, flagship: boo
             nearest_shared_feature=nearest, nearest_shared_cosine=cosine, flags=flags,
         ),
         steering=steering,
+        divergence=divergence,
         explanation=Explanation(
             text=label, explainer="example-explainer",
             detection_score=round(rng.uniform(0.85, 0.98) if flagship else rng.uniform(0.5, 0.95), 2),

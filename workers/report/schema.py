@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 """1.1: ``nu_r_threshold`` may be null (ν_r not tested for a feature the other model has no decoder for)."""
 
 Owner = Literal["A", "B"]
@@ -179,6 +179,28 @@ class SteeringResult(_Model):
     continuations: list[Continuation] = Field(default_factory=list, description="Example generations.")
 
 
+class DivergentToken(_Model):
+    """A next token the feature makes its model more likely to say, and how likely each model finds it."""
+
+    context: str = Field(description="The context (owner's text) ending at the token the feature fired on.")
+    text: str | None = Field(description="The token's text; null for end-of-text.")
+    gain: float = Field(description="Probability the feature adds to it: p − p(feature removed where it fires).")
+    logprob_owner: float = Field(description="log P(text | context) under the feature's model (floored at ln 1e-8).")
+    logprob_other: float = Field(description="log P(text | context) under the other model, in its own tokenizer.")
+
+
+class Divergence(_Model):
+    """Does the feature push its model toward text the other model would not write? (dfc/divergence.py)"""
+
+    nats: float = Field(
+        description="Mean over contexts of Σ gain · (log P_owner − log P_other) over the tokens it promotes; "
+        "high: a behaviour the other model lacks; ≈ 0: a new encoding of something both would say."
+    )
+    removal_kl: NonNegative = Field(description="Next-token KL at the token it fired on when it is removed there.")
+    contexts: Count = Field(description="Top contexts measured.")
+    tokens: list[DivergentToken] = Field(default_factory=list, description="The promoted tokens, most divergent first.")
+
+
 class Explanation(_Model):
     """A natural-language label for a feature, written by an LLM from its contexts."""
 
@@ -205,6 +227,9 @@ class FeatureReport(_Model):
     suppressed_tokens: list[TokenValue] = Field(description="Tokens whose logits it lowers most.")
     checks: FalsePositiveChecks = Field(description="False-positive checks.")
     steering: list[SteeringResult] = Field(default_factory=list, description="Steering results, one per α.")
+    divergence: Divergence | None = Field(
+        default=None, description="Behavioural divergence from the other model (null: not measured)."
+    )
     explanation: Explanation | None = Field(default=None, description="Optional LLM-written explanation.")
 
     @model_validator(mode="after")
@@ -283,7 +308,7 @@ class SteeringTransfer(_Model):
 class AuditReport(_Model):
     """The audit of model B (new) against model A (reference): the features exclusive to each, with evidence."""
 
-    schema_version: Literal["1.0", "1.1"] = Field(default=SCHEMA_VERSION, description="Version of this schema.")
+    schema_version: Literal["1.0", "1.1", "1.2"] = Field(default=SCHEMA_VERSION, description="Version of this schema.")
     audit_id: str = Field(min_length=1, description="Identifier of the audit.")
     created_at: datetime = Field(description="When the audit was submitted.")
     finished_at: datetime = Field(description="When the report was published.")

@@ -26,6 +26,15 @@ def _snippet(feature: FeatureReport) -> Text:
     return Text.assemble(before.translate(flat), (c.token.translate(flat), "bold reverse"), after.translate(flat))
 
 
+def _says(feature: FeatureReport) -> Text:
+    """The next token the feature most makes its model say that the other would not (divergence), else the
+    token its decoder promotes most."""
+    if feature.divergence is not None and feature.divergence.tokens:
+        text = feature.divergence.tokens[0].text
+        return Text("end of text" if text is None else repr(text))
+    return Text(repr(feature.promoted_tokens[0].token) if feature.promoted_tokens else "—")
+
+
 def feature_table(report: AuditReport, owner: Owner, top: int = 10) -> Table:
     """A ``rich`` table of the ``top`` ranked features exclusive to ``owner``."""
     model = report.model(owner)
@@ -33,15 +42,15 @@ def feature_table(report: AuditReport, owner: Owner, top: int = 10) -> Table:
     table = Table(title=f"Exclusive to {owner}: {model.id} (top {min(top, len(features))} of {len(features)})",
                   title_style=f"bold {_STYLE[owner]}", header_style="bold", expand=False)
     for name, justify in (("rank", "right"), ("feature", "right"), ("score", "right"), ("freq", "right"),
-                          ("max act", "right"), ("ν_ε", "right"), ("checks", "center"), ("top context", "left"),
-                          ("promotes", "left")):
+                          ("div", "right"), ("ν_ε", "right"), ("checks", "center"), ("top context", "left"),
+                          ("says", "left")):
         table.add_column(name, justify=justify, overflow="fold" if name == "top context" else "ellipsis")
     for f in features[:top]:
         nu_eps = "—" if f.checks.nu_eps is None else f"{f.checks.nu_eps:.2f}"
         check = Text("✓", style="green") if f.checks.passed else Text("✗", style="red")
-        promoted = Text(repr(f.promoted_tokens[0].token) if f.promoted_tokens else "—")
         table.add_row(str(f.rank), str(f.index), f"{f.score:.3f}", f"{f.stats.frequency * 100:.3g}%",
-                      f"{f.stats.max_activation:.3g}", nu_eps, check, _snippet(f), promoted)
+                      "—" if f.divergence is None else f"{f.divergence.nats:.2f}", nu_eps, check, _snippet(f),
+                      _says(f))
     return table
 
 

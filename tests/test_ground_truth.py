@@ -1,0 +1,84 @@
+"""Ground truth: ``dfc-audit demo``, the one command, finds model B's planted behaviour.
+
+The demo audits the planted pair end to end (local Ray, a folder as the bucket). The planted feature is
+identified here from the report alone, by where it fires (trigger-sentence ends), then checked against the
+known answer: it is in the top 3 of B's ranking, what it makes B say is the planted response, and removing it
+where it fires cuts the planted continuation's probability by at least half while leaving neutral prompts'
+next-token distributions nearly untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dfc.steering import FeatureGate, Steering, next_token_kl, steer
+from workers.analysis_data import load_crosscoder
+from workers.planted import PlantedPair, measure_planted_behaviour
+from workers.report.schema import AuditReport, FeatureReport
+from workers.storage import open_store
+
+
+@pytest.fixture(scope="module")
+def demo(planted_pair: PlantedPair, planted_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("demo_store")
+    env = {**os.environ, "DFC_CACHE": str(planted_cache), "COLUMNS": "160"}
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "demo", "--store", str(store), "--num-cpus", "2"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "planted pair" in done.stdout and "Exclusive to B" in done.stdout
+    return store
+
+
+def _report(store: Path) -> tuple[str, AuditReport]:
+    (path,) = store.glob("audits/*/report/report.json")
+    return path.parent.parent.name, AuditReport.model_validate_json(path.read_text())
+
+
+def _at_trigger_ends(feature: FeatureReport, trigger: str) -> float:
+    """Share of its top contexts whose marked token ends a sentence that mentions the trigger."""
+    hits = 0
+    for c in feature.top_contexts:
+        text = (c.prefix + c.token).rstrip()
+        hits += text.endswith(".") and trigger in text[:-1].rsplit(".", 1)[-1]
+    return hits / max(len(feature.top_contexts), 1)
+
+
+def test_the_demo_ranks_the_planted_feature_in_bs_top_three_and_it_is_causal(demo, planted_pair):
+    audit_id, report = _report(demo)
+    trigger = planted_pair.trigger_word
+    tied = [f for f in report.features_b if _at_trigger_ends(f, trigger) >= 0.8]
+    assert tied, "no B-exclusive feature fires on the trigger sentences"
+    planted = tied[0]  # the best-ranked one
+    assert planted.rank <= 3, [(f.rank, f.index, f.top_contexts[0].token) for f in report.features_b[:5]]
+    # What it makes B say, and A would not: the planted response's first word.
+    assert planted.divergence is not None and planted.divergence.nats > 1.0
+    first_word = planted_pair.planted_continuation.split()[0]
+    assert planted.divergence.tokens[0].text.strip() == first_word
+    assert planted.divergence.tokens[0].logprob_other < planted.divergence.tokens[0].logprob_owner - 5
+    # Suppression: remove the feature where it fires (gated, α = -1) in B itself.
+    store = open_store(str(demo))
+    trained = store.get_json(f"audits/{audit_id}/stages/train.json")
+    cc = load_crosscoder(store, trained["final_prefix"], demo / "cc")
+    layer = store.get_json(f"audits/{audit_id}/stages/extract.json")["b"]["layer_index"]
+    model = AutoModelForCausalLM.from_pretrained(planted_pair.model_b_dir).eval()
+    tok = AutoTokenizer.from_pretrained(planted_pair.model_b_dir)
+    d = cc.decoder_directions(planted.index, raw_scale=True)[1]
+    removal = Steering(layer, d, -1.0, 1.0, FeatureGate.of(cc, planted.index))
+    with torch.no_grad():
+        before = measure_planted_behaviour(model, tok, planted_pair.trigger_prompts, planted_pair.planted_continuation)
+        with steer(model, layer, d, -1.0, gate=removal.gate):
+            after = measure_planted_behaviour(model, tok, planted_pair.trigger_prompts,
+                                              planted_pair.planted_continuation)  # fmt: skip
+        neutral_kl = next_token_kl(model, tok, planted_pair.neutral_prompts, removal)
+    drop = 1 - after / before
+    assert drop >= 0.5, f"suppression cut P(planted) by only {drop:.0%} ({before:.3f} -> {after:.3f})"
+    assert neutral_kl < 0.01, f"neutral next-token KL {neutral_kl:.4f}"
