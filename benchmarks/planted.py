@@ -7,8 +7,9 @@ crosscoder, and checks against the known answer:
 
 * the planted feature: of the B-exclusive features whose activation lies mostly on trigger-sentence ends
   (where B is about to say the refusal), the one that writes most of B's trigger direction; its rank under
-  ``dfc.ranking.rank_features`` among B-exclusive features, and the rank of the standard crosscoder's best
-  trigger detector by relative decoder norm (SCIENCE.md §10);
+  ``dfc.ranking.rank_features`` among B-exclusive features (every one screened as the steer stage does:
+  removal KL and divergence from A, ``dfc/divergence.py``; also the rank without divergence), and the rank
+  of the standard crosscoder's best trigger detector by relative decoder norm (SCIENCE.md §10);
 * suppression: steering B with ``α · s_max · d`` along the planted feature's raw-scale decoder, the drop in
   the planted continuation's probability on trigger prompts and the next-token KL on neutral prompts
   (with a random direction of the same norm as control), and the same for gated ablation (the feature
@@ -17,7 +18,8 @@ crosscoder, and checks against the known answer:
 The trigger labels are used only to *evaluate*; training, ranking and steering never see them. Several
 training seeds are run because which partition captures the concept depends on the seed at this scale.
 
-    python benchmarks/planted.py                  # ~1.5-2.5 min on 2 CPU cores -> benchmarks/results/planted.json
+    python benchmarks/planted.py                  # ~8 min on 2 CPU cores -> benchmarks/results/planted.json
+    python benchmarks/planted.py --seeds 1        # the headline seed only, ~2 min
     python benchmarks/planted.py --partition 0.05 --exclusive-init-norm 0   # the paper's partition sizes
 """
 
