@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from dfc.hooks import input_device
-from dfc.steering import Steering, _kl, encode_prompts, next_token_logprobs
+from dfc.steering import Steering, encode_prompts, mean_kl, next_token_logprobs
 
 LOGPROB_FLOOR = math.log(1e-8)
 """Log-probabilities below this count as this: "would not write it" needs no more precision, and the cap keeps
@@ -239,7 +239,7 @@ def screen_removal(
             continuations.append(
                 Continuation(context, text, value, continuation_logprob(model, tokenizer, context, text))
             )
-    return RemovalScreen(_kl(removed, base, last_only=True), continuations, len(ids))
+    return RemovalScreen(mean_kl(removed, base, last_only=True), continuations, len(ids))
 
 
 def score_under(model: nn.Module, tokenizer: Any, screen: RemovalScreen) -> RemovalScreen:

@@ -189,7 +189,7 @@ def next_token_logprobs(model: nn.Module, prompts: list[Tensor], steering: Steer
     return out
 
 
-def _kl(steered: list[Tensor], base: list[Tensor], last_only: bool = False) -> float:
+def mean_kl(steered: list[Tensor], base: list[Tensor], last_only: bool = False) -> float:
     """Mean over prompts of the per-position mean ``KL(steered || base)`` (or of the last position's)."""
     per_position = [(s.exp() * (s - b)).sum(-1).clamp_min(0) for s, b in zip(steered, base, strict=True)]
     return float(torch.stack([kl[-1] if last_only else kl.mean() for kl in per_position]).mean())
@@ -209,7 +209,7 @@ def next_token_kl(
     ``last_only`` scores just each prompt's final position, e.g. a context cut right after a feature fired.
     """
     ids = encode_prompts(tokenizer, prompts)
-    return _kl(next_token_logprobs(model, ids, steering), next_token_logprobs(model, ids), last_only)
+    return mean_kl(next_token_logprobs(model, ids, steering), next_token_logprobs(model, ids), last_only)
 
 
 class LogprobChange(NamedTuple):
@@ -326,8 +326,8 @@ def steering_sweep(
         points.append(
             SweepPoint(
                 alpha=float(alpha),
-                kl_feature=_kl(steered_feature, base_feature),
-                kl_neutral=_kl(next_token_logprobs(model, neutral_ids, spec), base_neutral),
+                kl_feature=mean_kl(steered_feature, base_feature),
+                kl_neutral=mean_kl(next_token_logprobs(model, neutral_ids, spec), base_neutral),
                 promoted_logprob_change=change,
                 continuations=(
                     greedy_continuations(model, tokenizer, probe_prompts, max_new_tokens, spec) if probe_prompts else []

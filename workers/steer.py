@@ -22,7 +22,7 @@ import torch
 from dfc.crosscoder import Crosscoder
 from dfc.divergence import RemovalScreen, score_under, screen_removal
 from dfc.promoted import direct_logit_attribution
-from dfc.ranking import FeatureRanking, rank_features
+from dfc.ranking import FeatureRanking, RankingWeights, rank_features
 from dfc.steering import FeatureGate, Steering, steering_sweep
 from workers.analyse import (
     COMPARABLE_RANDOM,
@@ -115,9 +115,9 @@ def _prompts(ctx: StageContext, tok: Any, side: str, record: dict[str, Any], loc
     return SteeringPrompts(feature, probes, neutral, [p["doc_id"] for p in chosen], bool(quiet))
 
 
-def _removal(cc: Crosscoder, side: str, record: dict[str, Any], layer: int) -> Steering:
+def _removal(cc: Crosscoder, side: str, record: dict[str, Any], layer: int, gate: FeatureGate | None) -> Steering:
     """The feature taken out: gated where it fires (exact, for a DFC exclusive feature), else −s_max·d everywhere."""
-    d, gate = _direction(cc, record["feature"], side), _gate(cc, record["feature"])
+    d = _direction(cc, record["feature"], side)
     return (
         Steering(layer, d, -1.0, 1.0, gate)
         if gate is not None
@@ -126,11 +126,11 @@ def _removal(cc: Crosscoder, side: str, record: dict[str, Any], layer: int) -> S
 
 
 def _sweep(ctx: StageContext, cc: Crosscoder, loaded: LoadedModel, side: str, record: dict[str, Any],
-           prompts: SteeringPrompts, promoted: list[int]) -> dict[str, Any]:  # fmt: skip
+           prompts: SteeringPrompts, promoted: list[int], gate: FeatureGate | None) -> dict[str, Any]:  # fmt: skip
     """Additive (and, for a DFC feature, gated) sweeps and a random-direction control."""
     s, f = ctx.spec.steering, record["feature"]
     model, tok, layer = loaded.model, loaded.tokenizer, ctx.outputs["extract"][side]["layer_index"]
-    s_max, d, gate = record["stats"]["max_activation"], _direction(cc, f, side), _gate(cc, f)
+    s_max, d = record["stats"]["max_activation"], _direction(cc, f, side)
     common: dict[str, Any] = dict(feature_prompts=prompts.feature, neutral_prompts=prompts.neutral,
                                   promoted_token_ids=promoted)  # fmt: skip
     generate = dict(probe_prompts=prompts.probes, max_new_tokens=s.max_new_tokens)
@@ -173,12 +173,12 @@ class _Progress:
 
 
 def _ranking(
-    ctx: StageContext, analysis: dict[str, Any], side: str, screens: dict[int, RemovalScreen]
+    analysis: dict[str, Any], side: str, screens: dict[int, RemovalScreen], weights: RankingWeights
 ) -> FeatureRanking:
     """The side's candidates ranked with the removal KL and the divergence of its screened features."""
     feats, stats, ls = candidates_from_json(analysis["candidates"][side])
     divergence = {f: v for f, s in screens.items() if (v := s.divergence()) is not None}
-    return rank_features(feats, stats, latent_scaling=ls, weights=dfc_weights(ctx.spec.ranking),
+    return rank_features(feats, stats, latent_scaling=ls, weights=weights,
                          steering_effect={f: s.kl for f, s in screens.items()}, divergence=divergence)  # fmt: skip
 
 
@@ -196,6 +196,7 @@ def steer_stage(ctx: StageContext) -> dict[str, Any]:
     promoted: dict[str, dict[str, Any]] = {}
     prompts: dict[str, dict[int, SteeringPrompts]] = {}
     screens: dict[str, dict[int, RemovalScreen]] = {}
+    gates: dict[str, dict[int, FeatureGate | None]] = {}
     for side in sides:  # 1. each owner: promoted tokens, and what removing each feature takes away
         loaded, layer = models.get(side), ctx.outputs["extract"][side]["layer_index"]
         need = {c["index"] for r in records[side] for c in r["contexts"][:FEATURE_PROMPTS]}
@@ -204,6 +205,7 @@ def steer_stage(ctx: StageContext) -> dict[str, Any]:
         )
         mean = torch.tensor(analysis["mean_activation"][side])
         promoted[side], prompts[side], screens[side] = {}, {}, {}
+        gates[side] = {r["feature"]: _gate(cc, r["feature"]) for r in records[side]}  # each reads all decoder norms
         for r in records[side]:
             f = r["feature"]
             d = _direction(cc, f, side) * r["stats"]["max_activation"]
@@ -211,31 +213,34 @@ def steer_stage(ctx: StageContext) -> dict[str, Any]:
                 loaded.model, d, k=PROMOTED_K, mean_activation=mean, tokenizer=loaded.tokenizer
             ).to_dict()
             prompts[side][f] = _prompts(ctx, loaded.tokenizer, side, r, located, pool)
-            screens[side][f] = screen_removal(loaded.model, loaded.tokenizer, prompts[side][f].feature,
-                                              _removal(cc, side, r, layer), top_k=DIVERGENCE_TOKENS)  # fmt: skip
+            removal = _removal(cc, side, r, layer, gates[side][f])
+            screens[side][f] = screen_removal(loaded.model, loaded.tokenizer, prompts[side][f].feature, removal,
+                                              top_k=DIVERGENCE_TOKENS)  # fmt: skip
             progress.step("screened")
     for side in models.owners_first(sides, other=True):  # 2. the other model's view of what each feature says
         other = models.get(OTHER[side])
         screens[side] = {f: score_under(other.model, other.tokenizer, s) for f, s in screens[side].items()}
         ctx.check_cancelled()
-    rankings = {side: _ranking(ctx, analysis, side, screens[side]) for side in sides}
+    weights = dfc_weights(ctx.spec.ranking)
+    rankings = {side: _ranking(analysis, side, screens[side], weights) for side in sides}
     out: dict[str, Any] = {}
     for side in models.owners_first(sides):  # 3. sweeps of each owner's features that now rank first
-        loaded, weights = models.get(side), dfc_weights(ctx.spec.ranking)
+        loaded = models.get(side)
         reported = {r["feature"]: r for r in records[side]}
         order = [e for e in rankings[side].features if e.feature in reported]
         results = []
         for entry in order[:top_n]:
             f = entry.feature
             results.append(
-                _sweep(ctx, cc, loaded, side, reported[f], prompts[side][f], promoted[side][str(f)]["top_ids"])
+                _sweep(ctx, cc, loaded, side, reported[f], prompts[side][f], promoted[side][str(f)]["top_ids"],
+                       gates[side][f])
             )
             progress.step("steered")
-        removal = {f: "gated_removal_kl" if _gate(cc, f) is not None else "additive_suppression_kl" for f in reported}
+        measure = {f: "additive_suppression_kl" if g is None else "gated_removal_kl" for f, g in gates[side].items()}
         out[side] = {
             "model": (ctx.spec.model_a if side == "a" else ctx.spec.model_b).id,
             "promoted": promoted[side],
-            "screens": {str(f): {**s.to_dict(), "effect_measure": removal[f]} for f, s in screens[side].items()},
+            "screens": {str(f): {**s.to_dict(), "effect_measure": measure[f]} for f, s in screens[side].items()},
             "features": results,
             "ranking": [ranked_json(e, weights) for e in order],
         }
