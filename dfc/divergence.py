@@ -50,6 +50,11 @@ class Continuation:
     logprob_other: float | None = None
     """``log P_other(text | context)`` in the other model's tokenizer (floored); None until scored."""
 
+    @property
+    def contribution(self) -> float | None:
+        """``gain · (log P_owner − log P_other)``: this token's part of the divergence (None until scored)."""
+        return None if self.logprob_other is None else self.gain * (self.logprob_owner - self.logprob_other)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -69,8 +74,12 @@ class RemovalScreen:
         None until every continuation is scored under the other model (or when there is none to score)."""
         if self.n_contexts == 0 or any(c.logprob_other is None for c in self.continuations):
             return None
-        total = sum(c.gain * (c.logprob_owner - float(c.logprob_other)) for c in self.continuations)  # type: ignore[arg-type]
-        return total / self.n_contexts
+        return sum(float(c.contribution) for c in self.continuations) / self.n_contexts  # type: ignore[arg-type]
+
+    def most_divergent(self) -> list[Continuation]:
+        """The scored continuations, the largest part of the divergence first."""
+        scored = [c for c in self.continuations if c.contribution is not None]
+        return sorted(scored, key=lambda c: -float(c.contribution))  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     def runner_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--work-dir", help="local scratch folder (default: a temp folder per audit)")
         p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all cores)")
-        p.add_argument("--stop-after", choices=["extract", "align", "train", "analyse", "steer"],
+        p.add_argument("--stop-after", choices=["extract", "align", "train", "analyse", "steer", "explain"],
                        help="stop after this stage (run again to continue)")
 
     run = sub.add_parser("run", help="audit model B against model A on this machine",

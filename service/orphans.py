@@ -22,6 +22,7 @@ STAGE_NAMES = {
     AuditState.TRAINING: "train",
     AuditState.ANALYSING: "analyse",
     AuditState.STEERING: "steer",
+    AuditState.EXPLAINING: "explain",
     AuditState.PUBLISHING: "publish",
 }
 """The pipeline's stage names (error.stage, manifests) by state, as workers/pipeline.py writes them."""

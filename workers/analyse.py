@@ -29,7 +29,6 @@ from workers.analysis_data import (
     AnalysedPairs,
     OrderedPairs,
     architecture_name,
-    build_report,
     candidates_to_json,
     load_crosscoder,
     load_tokenizer,
@@ -37,6 +36,7 @@ from workers.analysis_data import (
     select_pairs,
 )
 from workers.context import StageContext
+from workers.report.build import build_report
 from workers.report.html import render_html
 from workers.spec import AuditSpec
 from workers.spec import RankingWeights as SpecRankingWeights
@@ -296,9 +296,11 @@ def publish_stage(ctx: StageContext) -> dict[str, Any]:
     analysis = ctx.store.get_json(ctx.outputs["analyse"]["features_json"])
     steered = ctx.outputs.get("steer", {})
     steering = None if steered.get("skipped", True) else ctx.store.get_json(steered["steering_json"])
+    explained = ctx.outputs.get("explain", {})
+    explanations = None if explained.get("skipped", True) else ctx.store.get_json(explained["explanations_json"])
     status = ctx.audits.status(ctx.audit_id)
     report = build_report(
-        ctx.audit_id, ctx.spec, status, ctx.outputs, analysis, steering, dfc_weights(ctx.spec.ranking)
+        ctx.audit_id, ctx.spec, status, ctx.outputs, analysis, steering, dfc_weights(ctx.spec.ranking), explanations
     )
     ctx.report_progress(0.5, force=True)
     json_key, html_key = ctx.key("report/report.json"), ctx.key("report/report.html")

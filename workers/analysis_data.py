@@ -1,6 +1,6 @@
 """The data behind the analyse, steer and publish stages: the analysed token pairs streamed in corpus order, token
 and document look-ups in the activation shards, the trained crosscoder, the JSON forms of per-feature statistics
-that a later stage re-ranks from, and the assembly of the stored analysis into the report schema.
+that a later stage re-ranks from (the report is assembled in ``workers/report/build.py``).
 
 Memory stays bounded whatever the corpus: the paired stream holds one shard of model A and at most two of model
 B, and a look-up loads one shard at a time and keeps only the documents it was asked about.
@@ -9,7 +9,6 @@ B, and a look-up loads one shard at a time and keeps only the documents it was a
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,32 +22,9 @@ from dfc import features as dfc_features
 from dfc.crosscoder import CONFIG_NAME, WEIGHTS_NAME, Crosscoder
 from dfc.features import PairedTokens
 from dfc.metrics import LatentScaling
-from dfc.ranking import RankingWeights
 from workers.loading import trusted_models_from_env
 from workers.pairing import ShardedPairs, _shard_starts, load_pairs
-from workers.report.schema import (
-    AlignmentSummary,
-    AuditReport,
-    Context,
-    Continuation,
-    CorpusInfo,
-    CrosscoderInfo,
-    Divergence,
-    DivergentToken,
-    FalsePositiveChecks,
-    FeatureReport,
-    FeatureStats,
-    Histogram,
-    ModelInfo,
-    SharedFeature,
-    SharedSummary,
-    SteeringResult,
-    TokenValue,
-    TrainingMetrics,
-)
 from workers.shards import ShardReader
-from workers.spec import AuditSpec
-from workers.status import AuditStatus, now
 from workers.storage import ObjectStore
 
 MAX_ANALYSIS_PAIRS = 200_000
@@ -248,203 +224,3 @@ def candidates_from_json(data: dict[str, Any]) -> tuple[list[int], dfc_features.
         same_space=torch.tensor(data["same_space"], dtype=torch.bool) if "same_space" in data else None,
     )
     return data["features"], stats, ls
-
-
-# ---------------------------------------------------------------------------------------------- the report
-def _clamp(value: float, low: float = 0.0, high: float = 1.0) -> float:
-    return min(high, max(low, float(value)))
-
-
-def _contexts(records: list[dict[str, Any]]) -> list[Context]:
-    return [
-        Context(doc_id=str(c["doc_id"]), prefix=c["prefix"], token=c["token"], suffix=c["suffix"],
-                activation=max(0.0, c["activation"]))
-        for c in records
-    ]  # fmt: skip
-
-
-def _tokens(effects: dict[str, Any] | None, which: str) -> list[TokenValue]:
-    if effects is None:
-        return []
-    names = effects[f"{which}_tokens"] or [str(i) for i in effects[f"{which}_ids"]]
-    return [TokenValue(token=t, value=v) for t, v in zip(names, effects[f"{which}_values"], strict=True)]
-
-
-def _steering_results(steered: dict[str, Any] | None) -> list[SteeringResult]:
-    """The additive sweep (α · s_max · d at every position), one result per α, as the schema describes it."""
-    if steered is None:
-        return []
-    sweep = steered["sweeps"]["additive"]
-    return [
-        SteeringResult(
-            alpha=p["alpha"],
-            kl_feature_prompts=max(0.0, p["kl_feature"]),
-            kl_neutral_prompts=max(0.0, p["kl_neutral"]),
-            delta_logprob_promoted=p["promoted_logprob_change"] or 0.0,
-            continuations=[
-                Continuation(prompt=prompt, unsteered=before, steered=after)
-                for prompt, before, after in zip(sweep["probe_prompts"], sweep["unsteered"], p["continuations"],
-                                                  strict=True)
-            ],
-        )
-        for p in sweep["points"]
-    ]  # fmt: skip
-
-
-def _divergence(screen: dict[str, Any] | None) -> Divergence | None:
-    """The screen's divergence evidence, most divergent promoted tokens first (None when not measured)."""
-    if screen is None or screen["divergence"] is None:
-        return None
-    tokens = [DivergentToken(**c) for c in screen["continuations"]]
-    tokens.sort(key=lambda t: -t.gain * (t.logprob_owner - t.logprob_other))
-    return Divergence(nats=screen["divergence"], removal_kl=max(0.0, screen["kl"]), contexts=screen["n_contexts"],
-                      tokens=tokens)  # fmt: skip
-
-
-def _checks(entry: dict[str, Any], record: dict[str, Any], steered: dict[str, Any] | None,
-            weights: RankingWeights) -> FalsePositiveChecks:  # fmt: skip
-    flags = []
-    nu_eps, nu_r = entry["nu_eps"], entry["nu_r"]
-    # The thresholds the ranking held this feature to (same-space or cross-space), else the same-space ones.
-    eps_max = entry.get("nu_eps_max") if entry.get("nu_eps_max") is not None else weights.nu_eps_max
-    r_max = entry.get("nu_r_max") if entry.get("nu_eps_max") is not None else weights.nu_r_max
-    if nu_eps is not None and nu_eps >= eps_max:
-        flags.append(f"Latent Scaling ν_ε = {nu_eps:.2f}: the other model's reconstruction error carries this "
-                     "feature too (it may not be exclusive)")  # fmt: skip
-    if nu_r is not None and r_max is not None and nu_r >= r_max:
-        flags.append(f"Latent Scaling ν_r = {nu_r:.2f}: the other model reconstructs it through other latents")
-    if nu_eps is None or nu_r is None:
-        flags.append("Latent Scaling could not be computed for this feature")
-    cosine = record["nearest_shared_cosine"]
-    if cosine is not None and cosine >= 0.7:
-        flags.append(f"its decoder is close to shared feature {record['nearest_shared']} (cos {cosine:.2f}): "
-                     "possibly an analogue of a shared concept rather than a new one")  # fmt: skip
-    if len(record["contexts"]) < 3:
-        flags.append(f"fires in only {len(record['contexts'])} document(s) of the analysed text")
-    if steered is not None and steered["random_control"]["comparable"]:
-        flags.append(f"a random direction of the same size changes the model about as much when steered "
-                     f"(median KL ratio {steered['random_control']['median_ratio']:.2f})")  # fmt: skip
-    return FalsePositiveChecks(
-        # Negative ratios (the other model anti-correlates) are as exclusive as 0; the schema keeps ν ≥ 0.
-        nu_eps=None if nu_eps is None else max(0.0, nu_eps),
-        nu_r=None if nu_r is None else max(0.0, nu_r),
-        nu_eps_threshold=eps_max,
-        nu_r_threshold=r_max,
-        passed=entry["passes_latent_scaling"] is True,
-        nearest_shared_feature=record["nearest_shared"],
-        nearest_shared_cosine=None if cosine is None else _clamp(cosine, -1.0, 1.0),
-        flags=flags,
-    )
-
-
-def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any] | None,
-                    weights: RankingWeights) -> list[FeatureReport]:  # fmt: skip
-    """One model's reported features in final order (steering-aware when steering ran), ranked 1..n."""
-    records = {r["feature"]: r for r in analysis["features"][side]}
-    steer_side = (steering or {}).get("sides", {}).get(side)
-    order = steer_side["ranking"] if steer_side else analysis["features"][side]
-    steered = {r["feature"]: r for r in steer_side["features"]} if steer_side else {}
-    promoted = steer_side["promoted"] if steer_side else {}
-    screens = steer_side.get("screens", {}) if steer_side else {}
-    out = []
-    for rank, entry in enumerate(order, start=1):
-        f, record = entry["feature"], records[entry["feature"]]
-        s = record["stats"]
-        out.append(FeatureReport(
-            index=f, owner=side.upper(), rank=rank, score=entry["score"],
-            score_components=entry["components"], score_weights=entry["weights"],
-            stats=FeatureStats(frequency=_clamp(s["frequency"]), mean_activation=min(s["mean_activation"],
-                               s["max_activation"]), max_activation=s["max_activation"],
-                               variance_share=_clamp(s["variance_share"])),
-            top_contexts=_contexts(record["contexts"]), weak_contexts=_contexts(record["weak_contexts"]),
-            promoted_tokens=_tokens(promoted.get(str(f)), "top"),
-            suppressed_tokens=_tokens(promoted.get(str(f)), "bottom"),
-            checks=_checks(entry, record, steered.get(f), weights),
-            steering=_steering_results(steered.get(f)), divergence=_divergence(screens.get(str(f))),
-        ))  # fmt: skip
-    return out
-
-
-def report_warnings(analysis: dict[str, Any], steering: dict[str, Any] | None, models: dict[str, str]) -> list[str]:
-    """Audit-wide caveats a reader needs before trusting the ranking."""
-    out = []
-    pairs = analysis["pairs"]
-    if pairs["train"]:
-        out.append(f"feature statistics and contexts come from {pairs['analysed']:,} token pairs, {pairs['train']:,} "
-                   "of them from the training text (the held-out text alone was short)")  # fmt: skip
-    if analysis["architecture"] != "dfc":
-        out.append(
-            f"a {analysis['architecture']} crosscoder has no dedicated partitions: exclusive features were "
-            "read off relative decoder norms (> 0.8 for A, < 0.2 for B), which misses many (SCIENCE.md §10)"
-        )
-    for side in ("a", "b"):
-        silent = analysis["exclusive"][side] - analysis["fired"][side]
-        if silent:
-            out.append(f"{silent:,} of {analysis['exclusive'][side]:,} features exclusive to {side.upper()} "
-                       f"({models[side]}) never fired on the analysed text and are not ranked")  # fmt: skip
-    if steering is None:
-        out.append("steering was not run: no causal evidence, and no promoted or suppressed tokens were computed")
-        return out
-    for side, data in steering["sides"].items():
-        controls = [f["random_control"] for f in data["features"]]
-        comparable = sum(c["comparable"] for c in controls)
-        if controls and 2 * comparable >= len(controls):
-            ratio = statistics.median(c["median_ratio"] for c in controls)
-            out.append(f"the steering effect of a random direction of the same size is comparable for {comparable} of "
-                       f"{len(controls)} steered features of {side.upper()} (median KL ratio {ratio:.2f}): additive "
-                       "steering there mostly measures the vector's size, not the feature")  # fmt: skip
-        if any(not f["neutral_prompts_avoid_feature"] for f in data["features"]):
-            out.append(f"some steered features of {side.upper()} fire in every sampled document opening, so their "
-                       "'neutral' prompts are not free of them")  # fmt: skip
-    return out
-
-
-def build_report(audit_id: str, spec: AuditSpec, status: AuditStatus, outputs: dict[str, dict[str, Any]],
-                 analysis: dict[str, Any], steering: dict[str, Any] | None,
-                 weights: RankingWeights) -> AuditReport:  # fmt: skip
-    """The audit's report from the stage manifests and the analysis and steering files; validated on construction."""
-    extracted, aligned, trained = outputs["extract"], outputs["align"], outputs["train"]
-    info = analysis["models"]
-    models = {side: ModelInfo(**{k: info[side][k] for k in ModelInfo.model_fields}) for side in ("a", "b")}
-    corpus = info["a"].get("corpus", {})
-    c = trained["crosscoder"]
-    heldout = trained["heldout"]
-    dead = trained.get("final_dead_fraction")
-    report = AuditReport(
-        audit_id=audit_id,
-        created_at=status.created_at,
-        finished_at=now(),
-        model_a=models["a"],
-        model_b=models["b"],
-        corpus=CorpusInfo(description=corpus.get("description", spec.corpus.kind), documents=extracted["documents"],
-                          hash=corpus.get("hash") or corpus.get("key", "unknown"), tokens=extracted["a"]["n_tokens"]),
-        alignment=AlignmentSummary(aligned_sequence_fraction=_clamp(aligned["aligned_sequence_fraction"]),
-                                   kept_token_fraction=_clamp(aligned["kept_token_fraction"]),
-                                   pairs=aligned["n_pairs"]),
-        crosscoder=CrosscoderInfo(
-            architecture=c["architecture"], n_features=c["n_features"], k=c["k"], n_a_only=trained["n_a_only"],
-            n_b_only=trained["n_b_only"], n_shared=trained["n_shared"], steps=trained["steps"],
-            batch_size=trained["batch_size"], lr=trained["lr"], seed=trained["seed"],
-            extra={"d_a": c["d_a"], "d_b": c["d_b"], "scale_a": trained["scale_a"], "scale_b": trained["scale_b"],
-                   "dead_after_tokens": trained["resolved"]["dead_after_tokens"], "device": trained["device"],
-                   "resumed_from_step": trained["resumed_from_step"], "heldout_tokens": heldout["tokens"],
-                   "analysed_pairs": analysis["pairs"]["analysed"]},
-        ),
-        training=TrainingMetrics(
-            fve_a=min(1.0, heldout["fve_a"]), fve_b=min(1.0, heldout["fve_b"]), l0=heldout["l0"],
-            dead_fraction=_clamp(heldout["dead_fraction"] if dead is None else dead), tokens=trained["tokens"],
-            wall_time_s=status.stage_seconds.get("training", trained.get("seconds", trained["wall_time_s"])),
-        ),
-        spec=spec.model_dump(mode="json"),
-        features_a=feature_reports("a", analysis, steering, weights),
-        features_b=feature_reports("b", analysis, steering, weights),
-        shared_summary=SharedSummary(
-            n_shared=analysis["shared"]["n_shared"], n_alive=analysis["shared"]["n_alive"],
-            relative_norm_histogram=Histogram(**analysis["shared"]["histogram"]),
-            features=[SharedFeature(index=s["feature"], relative_norm=_clamp(s["relative_norm"]),
-                                    frequency=_clamp(s["frequency"]), top_tokens=s["top_tokens"], snippet=s["snippet"])
-                      for s in analysis["shared"]["features"]],
-        ),
-        warnings=report_warnings(analysis, steering, {"a": models["a"].id, "b": models["b"].id}),
-    )  # fmt: skip
-    return AuditReport.model_validate_json(report.model_dump_json())  # what readers will parse, checked once more

@@ -1,11 +1,11 @@
-"""The audit pipeline: six stages run in order on Ray by one driver, the only writer of the audit's status.json.
+"""The audit pipeline: seven stages run in order on Ray by one driver, the only writer of the audit's status.json.
 
-extract → align → train → analyse → steer → publish. Each stage writes its outputs, then its manifest
+extract → align → train → analyse → steer → explain → publish. Each stage writes its outputs, then its manifest
 ``audits/{id}/stages/{stage}.json``; a stage whose manifest exists is skipped, so a crashed or cancelled audit
 resumes where it stopped and nothing is computed twice. Stage names key the manifests and
 ``StageContext.outputs``; status.json speaks in states (``extracting``…), ``stage_seconds`` included.
-The first three stages are in ``workers/stages.py``; analyse and publish in ``workers/analyse.py`` and steer in
-``workers/steer.py``, imported when they run.
+The first three stages are in ``workers/stages.py``; analyse and publish in ``workers/analyse.py``, steer in
+``workers/steer.py`` and explain (optional LLM explanations) in ``workers/explain.py``, imported when they run.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("train", AuditState.TRAINING, train_stage),
     Stage("analyse", AuditState.ANALYSING, _deferred("analyse_stage")),
     Stage("steer", AuditState.STEERING, _deferred("steer_stage", "workers.steer")),
+    Stage("explain", AuditState.EXPLAINING, _deferred("explain_stage", "workers.explain")),
     Stage("publish", AuditState.PUBLISHING, _deferred("publish_stage")),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGE_TABLE)

@@ -131,6 +131,22 @@ class SteeringSpec(_Strict):
         return value
 
 
+class ExplainSpec(_Strict):
+    """Optional LLM explanations of the top features, judged by a detection score (SCIENCE.md §6).
+
+    The endpoint is the deployment's (``DFC_EXPLAINER_*`` on the workers), not the spec's: contexts from the
+    corpus are sent to it. The report is complete without explanations.
+    """
+
+    enabled: bool = Field(False, description="Write explanations (needs DFC_EXPLAINER_URL and _MODEL on the workers).")
+    top_n: int = Field(20, ge=1, le=500, description="Features per model to explain, best ranked first.")
+    detection: bool = Field(True, description="Judge each explanation on top vs random contexts (one more request).")
+    contexts: int = Field(
+        10, ge=2, le=10, description="Top contexts shown to the explainer, and of each kind shown to the judge "
+        "(the analysis keeps 10 per feature)."
+    )
+
+
 class RankingWeights(_Strict):
     """Weights of the feature-ranking score's components (shown in the report)."""
 
@@ -171,6 +187,7 @@ class AuditSpec(_Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="The training recipe.")
     steering: SteeringSpec = Field(default_factory=SteeringSpec, description="The steering stage.")
     ranking: RankingWeights = Field(default_factory=RankingWeights, description="Feature-ranking weights.")
+    explain: ExplainSpec = Field(default_factory=ExplainSpec, description="Optional LLM explanations (off).")
     top_features: int = Field(50, ge=1, le=5000, description="Features per model analysed in depth and reported.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation and data order.")
     labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels echoed in the report.")

@@ -28,6 +28,7 @@ class AuditState(StrEnum):
     TRAINING = "training"
     ANALYSING = "analysing"
     STEERING = "steering"
+    EXPLAINING = "explaining"
     PUBLISHING = "publishing"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -44,6 +45,7 @@ STAGES: tuple[AuditState, ...] = (
     AuditState.TRAINING,
     AuditState.ANALYSING,
     AuditState.STEERING,
+    AuditState.EXPLAINING,
     AuditState.PUBLISHING,
 )
 
@@ -95,7 +97,8 @@ _WEIGHTS = {
     AuditState.ALIGNING: 0.05,
     AuditState.TRAINING: 0.40,
     AuditState.ANALYSING: 0.10,
-    AuditState.STEERING: 0.08,
+    AuditState.STEERING: 0.07,
+    AuditState.EXPLAINING: 0.01,
     AuditState.PUBLISHING: 0.02,
 }
 

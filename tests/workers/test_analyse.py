@@ -1,12 +1,14 @@
 """Specification of the analyse, steer and publish stages on a real (tiny) audit.
 
 Tiny Llama (d=64) and Qwen3 (d=96) models with different tokenizers read a few thousand tokens of the built-in
-corpus; the pipeline driver runs all six stages on a local Ray and a local folder standing in for the bucket.
+corpus; the pipeline driver runs all seven stages on a local Ray and a local folder standing in for the bucket.
 """
 
 from __future__ import annotations
 
+import html
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,15 @@ import torch
 
 from dfc.config import CrosscoderConfig
 from dfc.crosscoder import Crosscoder
+from dfc.explain import one_line
+from tests.fixtures.llm_server import KEY, MODEL, LLMServer, serve_llm
 from workers import pipeline
 from workers.analyse import analyse_stage, dfc_weights, partition
-from workers.analysis_data import OrderedPairs, build_report, locate_tokens, select_pairs
+from workers.analysis_data import OrderedPairs, locate_tokens, select_pairs
 from workers.context import AuditCancelled, StageContext
 from workers.extract import read_texts
 from workers.pipeline import run_audit
+from workers.report.build import build_report
 from workers.report.schema import AuditReport
 from workers.shards import ShardReader
 from workers.spec import AuditSpec
@@ -285,3 +290,104 @@ def test_a_standard_crosscoder_audit_ranks_features_by_relative_norm_and_builds_
                                                                             for w in report.warnings)  # fmt: skip
     n_exclusive = analysis["exclusive"]["a"] + analysis["exclusive"]["b"]
     assert report.shared_summary.n_shared == 256 - n_exclusive
+
+
+# ---------------------------------------------------------------------------------------------- explanations
+def explained(audit: Audit, tiny_models: Any, tmp_path: Path, **explain: Any) -> tuple[str, AuditReport | None]:
+    """A copy of ``audit`` with explanations asked for, run from the explain stage on; its id and report."""
+    spec = AuditSpec.model_validate({**make_spec(tiny_models).model_dump(), "explain": {"enabled": True, **explain}})
+    new_id = copy_manifests(audit, spec, ["extract", "align", "train", "analyse", "steer"])
+    status = run_audit(new_id, str(audit.root), work_dir=tmp_path)
+    assert status.state is AuditState.SUCCEEDED, status.error  # the endpoint never fails an audit
+    return new_id, AuditReport.model_validate_json(audit.store.get_bytes(f"audits/{new_id}/report/report.json"))
+
+
+@pytest.fixture
+def endpoint(monkeypatch) -> Iterator[LLMServer]:
+    with serve_llm() as server:
+        monkeypatch.setenv("DFC_EXPLAINER_URL", server.url)
+        monkeypatch.setenv("DFC_EXPLAINER_MODEL", MODEL)
+        monkeypatch.setenv("DFC_EXPLAINER_API_KEY", KEY)
+        yield server
+
+
+def test_an_audit_that_did_not_ask_has_no_explanations_and_no_word_about_them(audit):
+    assert audit.json("stages/explain.json")["skipped"] is True
+    report = audit.report()
+    assert all(f.explanation is None for f in report.features_a + report.features_b)
+    assert not any("explanation" in w for w in report.warnings)
+
+
+def test_the_top_features_are_explained_from_their_contexts_judged_and_shown_in_the_report(
+    audit, tiny_models, tmp_path, endpoint
+):
+    new_id, report = explained(audit, tiny_models, tmp_path, top_n=2)
+
+    page = audit.store.get_bytes(f"audits/{new_id}/report/report.html").decode()
+    pool = audit.store.get_json(f"audits/{new_id}/stages/analyse.json")
+    pool = audit.store.get_json(pool["features_json"])["neutral_pool"]
+    judged = [r["messages"][-1]["content"] for r in endpoint.requests if "numbered text excerpts" in
+              r["messages"][-1]["content"]]  # fmt: skip
+    checked = 0
+    for features in (report.features_a, report.features_b):
+        for f in features[:2]:
+            e = f.explanation
+            assert e is not None and e.explainer == MODEL
+            # The stand-in names the token marked most often, so it must be one the feature fired on.
+            assert e.text.removeprefix('fires on the token "').removesuffix('"') in {
+                c.token.strip() for c in f.top_contexts}
+            assert html.escape(e.text) in page
+            quiet = sum(f.index not in p["fired"] for p in pool)  # openings it does not fire in: random contexts
+            if quiet < 2:  # too few to judge against
+                assert e.detection_score is None and e.detection_contexts is None
+                continue
+            assert 0 <= e.detection_score <= 1 and e.detection_contexts == len(f.top_contexts) + min(quiet, 10)
+            # Its judge was shown every one of its top contexts, unmarked.
+            ask = next(p for p in judged if json.dumps(e.text) in p)
+            assert all(one_line(c.prefix + c.token + c.suffix) in ask for c in f.top_contexts)
+            checked += 1
+        assert all(f.explanation is None for f in features[2:])
+    asked = len(endpoint.requests)
+    assert checked >= 2 and asked == 4 + checked
+    assert not any("explanation" in w for w in report.warnings)
+    assert all(h["Authorization"] == f"Bearer {KEY}" for h in endpoint.headers)
+    manifest = audit.store.get_json(f"audits/{new_id}/stages/explain.json")
+    assert (manifest["explained_a"], manifest["explained_b"], manifest["failed"]) == (2, 2, 0)
+
+    # Resumed after a crash past the explanations: nothing is asked twice, the report says the same.
+    for stage in ("explain", "publish"):
+        audit.store.delete(f"audits/{new_id}/stages/{stage}.json")
+    assert run_audit(new_id, str(audit.root), work_dir=tmp_path).state is AuditState.SUCCEEDED
+    again = AuditReport.model_validate_json(audit.store.get_bytes(f"audits/{new_id}/report/report.json"))
+    assert len(endpoint.requests) == asked
+    assert [f.explanation for f in again.features_b] == [f.explanation for f in report.features_b]
+
+
+def test_a_refused_key_stops_at_the_first_request_and_the_report_says_why(audit, tiny_models, tmp_path, endpoint,
+                                                                           monkeypatch):  # fmt: skip
+    monkeypatch.setenv("DFC_EXPLAINER_API_KEY", "sk-wrong-key-000")
+
+    _, report = explained(audit, tiny_models, tmp_path)
+
+    assert len(endpoint.requests) == 1
+    assert all(f.explanation is None for f in report.features_a + report.features_b)
+    assert any("explanations are incomplete" in w and "DFC_EXPLAINER_API_KEY" in w for w in report.warnings)
+
+
+def test_an_endpoint_answering_nothing_is_given_up_on_after_three_features(audit, tiny_models, tmp_path, endpoint):
+    endpoint.blank = True
+
+    new_id, report = explained(audit, tiny_models, tmp_path)
+
+    assert len(endpoint.requests) == 3 * 2  # each feature: the question and one correction
+    assert any("stopped after 3 of" in w for w in report.warnings)
+    assert audit.store.get_json(f"audits/{new_id}/stages/explain.json")["failed"] == 3
+
+
+def test_explanations_asked_of_a_deployment_without_an_endpoint_leave_a_warning(audit, tiny_models, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
+    monkeypatch.delenv("DFC_EXPLAINER_URL", raising=False)
+
+    _, report = explained(audit, tiny_models, tmp_path)
+
+    assert any("explanations were asked for but not written: no explainer endpoint" in w for w in report.warnings)

@@ -13,8 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = "1.2"
-"""1.1: ``nu_r_threshold`` may be null (ν_r not tested for a feature the other model has no decoder for)."""
+SCHEMA_VERSION = "1.3"
+"""1.1: ``nu_r_threshold`` may be null (ν_r not tested for a feature the other model has no decoder for).
+1.2: ``FeatureReport.divergence``. 1.3: ``Explanation.detection_contexts``."""
 
 Owner = Literal["A", "B"]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -207,7 +208,12 @@ class Explanation(_Model):
     text: str = Field(description="The explanation.")
     explainer: str = Field(description="Which model wrote it.")
     detection_score: Fraction | None = Field(
-        default=None, description="Judge accuracy on top vs random contexts (≥ 0.8: interpretable)."
+        default=None,
+        description="Balanced accuracy of a judge telling top from random contexts given only the explanation "
+        "(≥ 0.8: interpretable; null: not judged).",
+    )
+    detection_contexts: Count | None = Field(
+        default=None, description="Contexts the judge classified (top and random together)."
     )
 
 
@@ -308,7 +314,9 @@ class SteeringTransfer(_Model):
 class AuditReport(_Model):
     """The audit of model B (new) against model A (reference): the features exclusive to each, with evidence."""
 
-    schema_version: Literal["1.0", "1.1", "1.2"] = Field(default=SCHEMA_VERSION, description="Version of this schema.")
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = Field(
+        default=SCHEMA_VERSION, description="Version of this schema."
+    )
     audit_id: str = Field(min_length=1, description="Identifier of the audit.")
     created_at: datetime = Field(description="When the audit was submitted.")
     finished_at: datetime = Field(description="When the report was published.")
