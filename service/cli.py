@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stop-after", choices=["extract", "align", "train", "analyse", "steer", "explain"],
                        help="stop after this stage (run again to continue)")
 
+    def explain_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--explain", action="store_true", help="have the LLM at DFC_EXPLAINER_URL explain the top "
+                       "features and judge each explanation (off by default; see SETTINGS.md)")
+
     run = sub.add_parser("run", help="audit model B against model A on this machine",
                          description="Audit model B against the trusted model A on a local Ray instance. "
                          "Flags override the fields of --spec.")
@@ -200,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--audit-id", help="id for the new audit (default: time + random)")
     run.add_argument("--store", default=default_store, help=store_help)
     runner_options(run)
+    explain_option(run)
     run.set_defaults(func=_lazy("cmd_run"))
 
     demo = sub.add_parser("demo", help="audit the built-in planted-behaviour model pair (offline)",
@@ -208,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--store", default=DEMO_STORE, help=f"folder or URL for the demo's audit (default {DEMO_STORE})")
     demo.add_argument("--token-budget", type=int, default=60_000, help="tokens extracted per model (default 60k)")
     runner_options(demo)
+    explain_option(demo)
     demo.set_defaults(func=_lazy("cmd_demo"))
 
     job = sub.add_parser("run-audit", help="run or resume a stored audit (what a Ray job runs)",

@@ -41,6 +41,8 @@ def _detail(state: AuditState, counters: dict[str, float]) -> str:
         if "loss" in counters:
             text += f" · loss {c('loss', 0):.3g} · FVE {c('fve_a', 0):.2f}/{c('fve_b', 0):.2f}"
         return text
+    if state is AuditState.EXPLAINING and "explained" in counters:
+        return f"{c('explained', 0):,.0f} features explained · {c('explainer_requests', 0):,.0f} requests"
     return ""
 
 
@@ -186,10 +188,25 @@ def spec_from_args(args: argparse.Namespace) -> AuditSpec:
         _set(tree, "steering.enabled", False)
     if args.steer_prompt:
         _set(tree, "steering.probe_prompts", args.steer_prompt)
+    if args.explain:
+        _set(tree, "explain.enabled", True)
     try:
-        return AuditSpec.model_validate(tree)
+        spec = AuditSpec.model_validate(tree)
     except ValidationError as exc:
         raise CLIError(_validation_message(exc)) from None
+    if spec.explain.enabled:
+        check_explainer()
+    return spec
+
+
+def check_explainer() -> None:
+    """Refuse explanations before any work when this machine has no explainer endpoint to ask."""
+    from workers.llm import ExplainerSettings
+
+    problem = ExplainerSettings().problem()
+    if problem:
+        raise CLIError(f"explanations were asked for, but {problem}; set DFC_EXPLAINER_URL and DFC_EXPLAINER_MODEL "
+                       "(and DFC_EXPLAINER_API_KEY if the endpoint needs one), or leave out --explain")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -241,7 +258,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return execute(status.id, args.store, args)
 
 
-def demo_spec(pair: Any, corpus_path: Path, token_budget: int) -> AuditSpec:
+def demo_spec(pair: Any, corpus_path: Path, token_budget: int, *, explain: bool = False) -> AuditSpec:
     """The audit of the planted pair: small-model sizes, steering on the pair's trigger and neutral prompts."""
     return AuditSpec.model_validate(
         {
@@ -271,6 +288,7 @@ def demo_spec(pair: Any, corpus_path: Path, token_budget: int) -> AuditSpec:
                 "max_new_tokens": 12,
             },
             "top_features": 20,
+            "explain": {"enabled": explain, "top_n": 5},
             "labels": {
                 "demo": "planted-pair",
                 "trigger_word": pair.trigger_word,
@@ -283,6 +301,9 @@ def demo_spec(pair: Any, corpus_path: Path, token_budget: int) -> AuditSpec:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``dfc-audit demo``: build (or reuse) the planted pair, write its audit corpus, audit B against A."""
     from workers.planted import PlantedPairConfig, build_planted_pair, planted_corpus_documents
+
+    if args.explain:
+        check_explainer()
 
     # build_planted_pair trains single-threaded itself; the stages set their own threads in their actors.
     started = time.monotonic()
@@ -297,7 +318,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tmp = corpus_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
         tmp.replace(corpus_path)
-    spec = demo_spec(pair, corpus_path, args.token_budget)
+    spec = demo_spec(pair, corpus_path, args.token_budget, explain=args.explain)
     store, audits = open_audits(args.store)
     store.check()
     status = audits.create(spec)

@@ -1,4 +1,5 @@
-"""What this API refuses in an otherwise valid spec: paths on the workers' own filesystem.
+"""What this API refuses in an otherwise valid spec: paths on the workers' own filesystem, and explanations when
+the deployment has no explainer endpoint.
 
 A spec may name a local model folder or corpus files, which is right for the CLI on one machine; through
 the API it would let any client make a worker read its files (and quote them in a report), so the API
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from workers.corpus import CorpusSpec
+from workers.llm import ExplainerSettings
 from workers.spec import AuditSpec
 
 HINT = "use Hugging Face model ids and a builtin or hf corpus, or set DFC_ALLOW_LOCAL_PATHS=true on the API"
@@ -30,6 +32,16 @@ def _file_corpora(corpus: CorpusSpec, loc: tuple[str | int, ...]) -> list[Refusa
     for i, part in enumerate(corpus.parts):
         refusals += _file_corpora(part, (*loc, "parts", i))
     return refusals
+
+
+def explainer_refusals(spec: AuditSpec, explainer: ExplainerSettings) -> list[Refusal]:
+    """Explanations asked of a deployment that has no explainer endpoint (the report would only say so)."""
+    problem = explainer.problem() if spec.explain.enabled else None
+    if problem is None:
+        return []
+    message = (f"explanations were asked for, but {problem} on this API; submit with explain.enabled=false, or "
+               "ask the operator to configure DFC_EXPLAINER_URL and DFC_EXPLAINER_MODEL (SETTINGS.md)")  # fmt: skip
+    return [Refusal(("body", "explain", "enabled"), message, True)]
 
 
 def local_path_refusals(spec: AuditSpec) -> list[Refusal]:

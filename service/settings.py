@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workers.llm import ExplainerSettings
+
 MIN_API_KEY_CHARS = 16
 """Shorter keys are guessable; `openssl rand -hex 32` makes a good one."""
 
@@ -101,6 +103,10 @@ class Settings(BaseSettings):
         5.0, ge=0, le=300, description="Seconds a scrape's store-derived metrics are reused by the next scrape."
     )
     log_level: LogLevel = Field("INFO", description="Level of the service's own loggers (service.*).")
+    explainer: ExplainerSettings = Field(
+        default_factory=ExplainerSettings,
+        description="The LLM endpoint for feature explanations (DFC_EXPLAINER_*; SETTINGS.md, Explainer).",
+    )
 
     @model_validator(mode="after")
     def _keys_unless_disabled(self) -> Settings:
@@ -158,7 +164,7 @@ class Settings(BaseSettings):
             "DFC_TRUSTED_MODELS": self.trusted_models,
         }
         env.update({name: value for name, value in optional.items() if value})
-        return env
+        return env | self.explainer.public_env()  # its key stays with the workers' own environment
 
     def apply_log_level(self) -> None:
         """Set the level of the service's loggers, and give them a handler when nothing else configured one."""

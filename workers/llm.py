@@ -19,10 +19,10 @@ from typing import Any
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dfc.explain import Message
-
 log = logging.getLogger(__name__)
 
+Message = dict[str, str]
+"""A chat message, as ``dfc.explain.Message`` (not imported from there: the API reads these settings without dfc)."""
 RETRIED_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 MAX_BACKOFF_S = 60.0
 

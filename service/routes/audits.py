@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Response
 
 from service.auth import require_api_key
-from service.policy import local_path_refusals
+from service.policy import explainer_refusals, local_path_refusals
 from service.routes.deps import Audits, Config, invalid
 from service.schemas import AUDIT_ID_PATTERN, AuditPage, AuditRecord, error_responses
 from workers.spec import AuditSpec
@@ -71,6 +71,7 @@ def submit_audit(
     spec returns the audit of it that has not finished yet. Either way no second run starts.
     """
     refusals = [] if config.allow_local_paths else local_path_refusals(spec)
+    refusals += explainer_refusals(spec, config.explainer)
     if refusals:
         raise invalid(refusals[0].loc, refusals[0].message, refusals[0].value)
     submission = service.submit(spec, idempotency_key)

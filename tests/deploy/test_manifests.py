@@ -40,6 +40,8 @@ GPU_RENDERS = ("base", "overlays/gpu", "overlays/gpu-monitoring")
 NAMESPACE = "dfc-audit"
 FOREIGN_ENV = {"HF_TOKEN": "read by huggingface_hub on the workers for gated models and rate limits"}
 """Variables the project's containers may get that service.settings.Settings does not read, and why."""
+OPTIONAL_SECRETS = {"dfc-audit-explainer"}
+"""Secrets a deployment may leave out (the explainer's key): every reference to them must say optional."""
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -72,15 +74,30 @@ def test_every_resource_is_valid_for_kubernetes(target: str, version: str) -> No
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_the_secret_template_is_valid_and_holds_only_placeholders(version: str) -> None:
     secrets = secret_template()
-    assert {s["metadata"]["name"] for s in secrets} == {"dfc-audit-api-keys", "dfc-audit-storage"}
+    assert {s["metadata"]["name"] for s in secrets} == {"dfc-audit-api-keys", "dfc-audit-storage", *OPTIONAL_SECRETS}
     for secret in secrets:
         kubernetes_validate.validate(secret, version, strict=True)
         assert all("REPLACE_ME" in value for value in secret["stringData"].values()), secret["metadata"]["name"]
 
 
+@pytest.mark.parametrize("target", RENDERS)
+def test_optional_secrets_are_referenced_as_optional_and_only_by_the_ray_head(target: str) -> None:
+    holders = set()
+    for pod in pods(render(target)):
+        for container in containers(pod):
+            for source in container.get("envFrom", []):
+                ref = source.get("secretRef", {})
+                if ref.get("name") in OPTIONAL_SECRETS:
+                    assert ref.get("optional") is True, f"{pod.where}: {ref['name']} must be optional"
+                    holders.add(container["name"])
+    assert holders == {"ray-head"}  # where Ray Jobs run each audit's driver, which runs the explain stage
+
+
 def test_the_local_secrets_have_the_same_keys_as_the_template() -> None:
     rendered = render("overlays/local")
     for template in secret_template():
+        if template["metadata"]["name"] in OPTIONAL_SECRETS:
+            continue
         local = find(rendered, "Secret", template["metadata"]["name"])
         assert local is not None
         keys = set(local.get("data", {})) | set(local.get("stringData", {}))
@@ -129,9 +146,12 @@ def test_batch_jobs_are_bounded_in_time_and_retries(target: str) -> None:
 @pytest.mark.parametrize("target", RENDERS)
 def test_env_vars_of_the_project_image_are_read_by_settings(target: str) -> None:
     from service.settings import Settings
+    from workers.llm import ExplainerSettings
 
     prefix = Settings.model_config.get("env_prefix", "")
     readable = {f"{prefix}{field}".upper() for field in Settings.model_fields}
+    readable |= {f"{ExplainerSettings.model_config['env_prefix']}{field}".upper() for field in
+                 ExplainerSettings.model_fields}  # fmt: skip
     resources = render(target)
     for pod in pods(resources):
         for container in containers(pod):

@@ -17,6 +17,7 @@ from service.settings import Settings
 from service.submit import SubmitError
 from tests.service.screen_servers import API_KEY as SCREEN_API_KEY
 from tests.service.screen_servers import ApiState, HubState, api_server, hub_server, populate
+from workers.llm import ExplainerSettings
 
 API_KEY = "test-key-5f0c1d2e3a4b5c6d7e8f"
 OTHER_KEY = "second-key-00112233445566778899"
@@ -61,7 +62,8 @@ def spec_body(**overrides: Any) -> dict[str, Any]:
 
 def make_settings(store: Path | str, **overrides: Any) -> Settings:
     """Settings for a test app: explicit values only, so a DFC_* variable in the environment changes nothing."""
-    values: dict[str, Any] = {"store_url": str(store), "api_keys": f"{API_KEY},{OTHER_KEY}", "metrics_cache_s": 0}
+    values: dict[str, Any] = {"store_url": str(store), "api_keys": f"{API_KEY},{OTHER_KEY}", "metrics_cache_s": 0,
+                              "explainer": ExplainerSettings(url=None, model=None, api_key=None)}  # fmt: skip
     values.update(overrides)
     return Settings(**values)
 

@@ -26,6 +26,7 @@ from service.settings import Settings
 from service.submit import LocalRaySubmitter, RayJobsSubmitter, SubmitError, make_submitter
 from tests.service.conftest import API_KEY, make_settings, spec_body
 from tests.service.e2e_support import RayHead
+from workers.llm import ExplainerSettings
 from workers.spec import AuditSpec
 from workers.status import AuditState, AuditStatus, AuditStore
 from workers.storage import LocalStore
@@ -91,8 +92,10 @@ def test_ray_jobs_submitter_submits_once_per_audit_and_stops_on_cancel(
     ray_head: tuple[str, type[FakeRayHead]], store_dir: Path
 ) -> None:
     address, head = ray_head
+    explainer = ExplainerSettings(url="http://vllm:8000/v1", model="Qwen/Qwen3-32B", api_key="sk-explainer-secret")
     settings = make_settings(
-        store_dir, ray_address=address, trusted_models="org/custom", ray_job_runtime_env={"env_vars": {"HF_HOME": "/x"}}
+        store_dir, ray_address=address, trusted_models="org/custom", explainer=explainer,
+        ray_job_runtime_env={"env_vars": {"HF_HOME": "/x"}},
     )
     submitter = make_submitter(settings)
     assert isinstance(submitter, RayJobsSubmitter)
@@ -106,6 +109,8 @@ def test_ray_jobs_submitter_submits_once_per_audit_and_stops_on_cancel(
         assert env["DFC_STORE_URL"] == str(store_dir) and env["DFC_TRUSTED_MODELS"] == "org/custom"
         assert env["HF_HOME"] == "/x", "DFC_RAY_JOB_RUNTIME_ENV is merged in"
         assert not any("KEY" in name for name in env), "no secrets in a job's runtime_env"
+        assert (env["DFC_EXPLAINER_URL"], env["DFC_EXPLAINER_MODEL"]) == ("http://vllm:8000/v1", "Qwen/Qwen3-32B")
+        assert "sk-explainer-secret" not in json.dumps(job)
 
         submitter.submit(audit_id)  # a resubmission finds the job and changes nothing
         assert len(head.jobs) == 1

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.middleware import BodyLimitMiddleware
 from tests.service.conftest import API_KEY, FakeSubmitter, make_settings, spec_body
+from workers.llm import ExplainerSettings
 
 # (case, body, the field the 422 must name (a suffix of its loc) or None when any 4xx will do)
 BAD_SPECS: list[tuple[str, Any, tuple[Any, ...] | None]] = [
@@ -104,6 +105,20 @@ def test_local_paths_are_accepted_when_the_operator_allows_them(store_dir) -> No
     app = create_app(make_settings(store_dir, allow_local_paths=True), FakeSubmitter())
     with TestClient(app, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
         assert c.post("/audits", json=spec_body(model_a={"id": "/models/tiny-a"})).status_code == 202
+
+
+def test_explanations_are_refused_where_no_explainer_is_configured_and_accepted_where_one_is(store_dir) -> None:
+    body = spec_body(explain={"enabled": True})
+    for explainer, expected in ((ExplainerSettings(url=None, model=None), 422),
+                                (ExplainerSettings(url="http://vllm:8000/v1", model="m"), 202)):  # fmt: skip
+        submitter = FakeSubmitter()
+        app = create_app(make_settings(store_dir / str(expected), explainer=explainer), submitter)
+        with TestClient(app, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+            r = c.post("/audits", json=body)
+        assert r.status_code == expected, r.text
+        if expected == 422:
+            assert _names_field(r.json()["detail"], ("explain", "enabled")) and not submitter.submitted
+            assert "DFC_EXPLAINER_URL" in json.dumps(r.json())
 
 
 def test_body_over_the_limit_is_413_by_content_length(client: TestClient, submitter: FakeSubmitter) -> None:

@@ -19,7 +19,9 @@ import pytest
 import ray
 
 from dfc.crosscoder import Crosscoder
+from service.cli import build_parser
 from service.cli import main as cli_main
+from service.cli_run import spec_from_args
 from workers import actors, pipeline, stages
 from workers.pipeline import StageContext, run_audit
 from workers.spec import AuditSpec
@@ -246,7 +248,7 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, list[str
     monkeypatch.setattr(pipeline, "STAGE_TABLE", stages_)
 
 
-def test_the_driver_runs_the_six_stages_in_order_and_records_where_the_report_is(
+def test_the_driver_runs_the_seven_stages_in_order_and_records_where_the_report_is(
     local_ray, tiny_models, tmp_path, monkeypatch
 ):
     store = LocalStore(tmp_path / "bucket")
@@ -282,7 +284,7 @@ def test_a_failing_later_stage_fails_the_audit_and_a_rerun_resumes_at_that_stage
     calls.clear()
     fake_stages(monkeypatch, calls)
     resumed = run_audit(audit_id, str(tmp_path / "bucket"))
-    assert [name for name, _ in calls] == ["analyse", "steer", "publish"]
+    assert [name for name, _ in calls] == ["analyse", "steer", "explain", "publish"]
     assert resumed.state is AuditState.SUCCEEDED and resumed.error is None and resumed.attempts == 2
 
 
@@ -343,3 +345,21 @@ def test_run_refuses_a_bad_spec_in_one_line_before_starting_anything(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err and "are the same model" in err
     assert not (tmp_path / "bucket").exists()
+
+
+def test_run_with_explain_needs_an_explainer_endpoint_and_says_which_variables(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DFC_EXPLAINER_URL", raising=False)
+    for command in (["run", "--model-a", "org/a", "--model-b", "org/b"], ["demo"]):
+        code = cli_main([*command, "--explain", "--store", str(tmp_path / "bucket")])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and "DFC_EXPLAINER_URL" in err and "--explain" in err
+    assert not (tmp_path / "bucket").exists()
+
+
+def test_run_with_explain_asks_for_explanations_in_the_spec(monkeypatch):
+    monkeypatch.setenv("DFC_EXPLAINER_URL", "http://127.0.0.1:1/v1")
+    monkeypatch.setenv("DFC_EXPLAINER_MODEL", "m")
+    args = build_parser().parse_args(["run", "--model-a", "org/a", "--model-b", "org/b", "--explain"])
+    assert spec_from_args(args).explain.enabled
+    args = build_parser().parse_args(["run", "--model-a", "org/a", "--model-b", "org/b"])
+    assert not spec_from_args(args).explain.enabled

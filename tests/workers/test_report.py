@@ -70,7 +70,7 @@ def test_report_round_trips_exactly_through_json(report: AuditReport) -> None:
     again = AuditReport.model_validate_json(text)
     assert again == report
     assert again.model_dump_json() == text
-    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.2"
+    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.3"
 
 
 def test_every_schema_field_has_a_description() -> None:
@@ -264,6 +264,21 @@ def test_terminal_summary_lists_top_features_of_both_models(report: AuditReport)
     passed, failed = (sum(f.checks.passed == p for f in report.features_b[:5]) for p in (True, False))
     b_table = text.split("Exclusive to B")[1].split("Exclusive to A")[0]
     assert b_table.count("✓") == passed and b_table.count("✗") == failed
+
+
+def test_terminal_summary_shows_explanations_only_when_the_audit_wrote_them(report: AuditReport) -> None:
+    console = Console(record=True, width=400, color_system=None)
+    print_summary(report, console=console, top=3)
+    text = console.export_text()
+    top = report.features_b[0].explanation
+    assert "explanation (detection)" in text and f"{top.text} ({top.detection_score:.0%})" in text
+
+    data = report.model_dump(mode="json")
+    for f in data["features_a"] + data["features_b"]:
+        f["explanation"] = None
+    console = Console(record=True, width=400, color_system=None)
+    print_summary(AuditReport.model_validate(data), console=console, top=3)
+    assert "explanation" not in console.export_text()
 
 
 def test_terminal_summary_prints_model_output_literally(report: AuditReport) -> None:

@@ -247,7 +247,7 @@ def _feature(rng: random.Random, owner: Owner, i: int, index: int, flagship: boo
         steering=steering,
         divergence=divergence,
         explanation=Explanation(
-            text=label, explainer="example-explainer",
+            text=label, explainer="example-explainer", detection_contexts=20,
             detection_score=round(rng.uniform(0.85, 0.98) if flagship else rng.uniform(0.5, 0.95), 2),
         ),
     )

@@ -35,22 +35,35 @@ def _says(feature: FeatureReport) -> Text:
     return Text(repr(feature.promoted_tokens[0].token) if feature.promoted_tokens else "—")
 
 
+def _explanation(feature: FeatureReport) -> Text:
+    """The LLM's explanation, with its detection score when it was judged."""
+    e = feature.explanation
+    if e is None:
+        return Text("—", style="dim")
+    score = "" if e.detection_score is None else f" ({e.detection_score:.0%})"
+    return Text(e.text + score)
+
+
 def feature_table(report: AuditReport, owner: Owner, top: int = 10) -> Table:
-    """A ``rich`` table of the ``top`` ranked features exclusive to ``owner``."""
+    """A ``rich`` table of the ``top`` ranked features exclusive to ``owner`` (with an explanation column when the
+    audit wrote explanations)."""
     model = report.model(owner)
     features = report.features(owner)
+    explained = any(f.explanation is not None for f in features[:top])
     table = Table(title=f"Exclusive to {owner}: {model.id} (top {min(top, len(features))} of {len(features)})",
                   title_style=f"bold {_STYLE[owner]}", header_style="bold", expand=False)
     for name, justify in (("rank", "right"), ("feature", "right"), ("score", "right"), ("freq", "right"),
                           ("div", "right"), ("ν_ε", "right"), ("checks", "center"), ("top context", "left"),
                           ("says", "left")):
         table.add_column(name, justify=justify, overflow="fold" if name == "top context" else "ellipsis")
+    if explained:
+        table.add_column("explanation (detection)", overflow="fold")
     for f in features[:top]:
         nu_eps = "—" if f.checks.nu_eps is None else f"{f.checks.nu_eps:.2f}"
         check = Text("✓", style="green") if f.checks.passed else Text("✗", style="red")
-        table.add_row(str(f.rank), str(f.index), f"{f.score:.3f}", f"{f.stats.frequency * 100:.3g}%",
-                      "—" if f.divergence is None else f"{f.divergence.nats:.2f}", nu_eps, check, _snippet(f),
-                      _says(f))
+        cells = [str(f.rank), str(f.index), f"{f.score:.3f}", f"{f.stats.frequency * 100:.3g}%",
+                 "—" if f.divergence is None else f"{f.divergence.nats:.2f}", nu_eps, check, _snippet(f), _says(f)]
+        table.add_row(*cells, *([_explanation(f)] if explained else []))
     return table
 
 
