@@ -4,7 +4,8 @@ The demo audits the planted pair end to end (local Ray, a folder as the bucket).
 identified here from the report alone, by where it fires (trigger-sentence ends), then checked against the
 known answer: it is in the top 3 of B's ranking, what it makes B say is the planted response, and removing it
 where it fires cuts the planted continuation's probability by at least half while leaving neutral prompts'
-next-token distributions nearly untouched.
+next-token distributions nearly untouched. The demo runs with ``--explain`` against a loopback stand-in for an
+OpenAI-compatible endpoint, so the flag's whole path (environment, CLI, spec, explain stage, report) is exercised.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dfc.steering import FeatureGate, Steering, next_token_kl, steer
+from tests.fixtures.llm_server import KEY, MODEL, LLMServer, serve_llm
 from workers.analysis_data import load_crosscoder
 from workers.planted import PlantedPair, measure_planted_behaviour
 from workers.report.schema import AuditReport, FeatureReport
@@ -26,16 +29,34 @@ from workers.storage import open_store
 
 
 @pytest.fixture(scope="module")
-def demo(planted_pair: PlantedPair, planted_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def endpoint() -> Iterator[LLMServer]:
+    with serve_llm() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def demo(planted_pair: PlantedPair, planted_cache: Path, tmp_path_factory: pytest.TempPathFactory,
+         endpoint: LLMServer) -> Path:  # fmt: skip
     store = tmp_path_factory.mktemp("demo_store")
-    env = {**os.environ, "DFC_CACHE": str(planted_cache), "COLUMNS": "160"}
+    env = {**os.environ, "DFC_CACHE": str(planted_cache), "COLUMNS": "200", "DFC_EXPLAINER_URL": endpoint.url,
+           "DFC_EXPLAINER_MODEL": MODEL, "DFC_EXPLAINER_API_KEY": KEY}  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "demo", "--store", str(store), "--num-cpus", "2"],
+        [sys.executable, "-m", "service.cli", "demo", "--store", str(store), "--num-cpus", "2", "--explain"],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "planted pair" in done.stdout and "Exclusive to B" in done.stdout
+    assert "explanation (detection)" in done.stdout
     return store
+
+
+def test_the_demo_with_explain_has_the_top_five_of_each_model_explained_by_the_endpoint(demo, endpoint):
+    _, report = _report(demo)
+    for features in (report.features_a, report.features_b):
+        assert all(f.explanation is not None and f.explanation.explainer == MODEL for f in features[:5])
+        assert all(f.explanation is None for f in features[5:])
+    explained = [r for r in endpoint.requests if "<<" in r["messages"][-1]["content"]]
+    assert len(explained) == 10 and not any("explanation" in w for w in report.warnings)
 
 
 def _report(store: Path) -> tuple[str, AuditReport]:
