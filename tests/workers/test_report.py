@@ -301,6 +301,19 @@ def test_feature_report_models_accept_optional_evidence_left_out() -> None:
     assert "Steering was not run for this feature." in page and "not computed" in page
 
 
+def test_the_details_count_the_explanations_and_how_many_a_judge_found_interpretable(report: AuditReport) -> None:
+    explained = [f.explanation for f in report.features_a + report.features_b if f.explanation]
+    good = sum(e.detection_score >= 0.8 for e in explained)
+    assert 0 < good < len(explained)
+    page = render_html(report)
+    assert (f"{len(explained)} features explained by example-explainer; {len(explained)} judged, {good} of them "
+            "interpretable") in page  # fmt: skip
+    data = report.model_dump(mode="json")
+    for f in data["features_a"] + data["features_b"]:
+        f["explanation"] = None
+    assert "features explained by" not in render_html(AuditReport.model_validate(data))
+
+
 def test_a_report_with_no_exclusive_features_for_a_model_still_renders():
     # A standard crosscoder can find nothing exclusive to a model; the page must say so, not crash.
     from workers.report.fixtures import example_report

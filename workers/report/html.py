@@ -235,6 +235,17 @@ def _transfer(report: AuditReport) -> str:
     )
 
 
+def _explained(report: AuditReport) -> str:
+    """One sentence on the LLM explanations, when there are any."""
+    explained = [f.explanation for f in report.features_a + report.features_b if f.explanation is not None]
+    if not explained:
+        return ""
+    judged = [e.detection_score for e in explained if e.detection_score is not None]
+    by = ", ".join(sorted({e.explainer for e in explained}))
+    return (f" Explanations: {len(explained)} features explained by {esc(by)}; {len(judged)} judged, "
+            f"{sum(s >= 0.8 for s in judged)} of them interpretable (detection score ≥ 0.8).")
+
+
 def _details(report: AuditReport) -> str:
     c, a = report.corpus, report.alignment
     config = report.crosscoder.model_dump(mode="json")
@@ -243,7 +254,8 @@ def _details(report: AuditReport) -> str:
         f"{esc(report.created_at.isoformat())}, finished {esc(report.finished_at.isoformat())}. Corpus: "
         f"{esc(c.description)} ({c.documents:,} documents, {c.tokens:,} tokens, hash <code>{esc(c.hash)}</code>). "
         f"Alignment: {a.aligned_sequence_fraction:.1%} of sequences aligned to the end, {a.pairs:,} token pairs. "
-        f"Training: {report.training.wall_time_s / 3600:.1f} h. Report schema {esc(report.schema_version)}.</p>"
+        f"Training: {report.training.wall_time_s / 3600:.1f} h.{_explained(report)} Report schema "
+        f"{esc(report.schema_version)}.</p>"
         f"<details><summary>Crosscoder configuration</summary><pre>{esc(json.dumps(config, indent=2))}</pre></details>"
         f"<details><summary>Audit spec as submitted</summary><pre>{esc(json.dumps(report.spec, indent=2))}</pre>"
         "</details></section>"
