@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -139,15 +140,17 @@ class TokenTexts:
         return [(t, text[i:]) for i in range(1, len(text)) for t in self._exact.get(text[:i], [])]
 
 
-_TEXTS: dict[int, TokenTexts] = {}
+# Weak keys: an entry goes with its tokenizer. Keyed by id(), a freed tokenizer's id could be reused by the next
+# one loaded, which would then be read with the old vocabulary's texts.
+_TEXTS: weakref.WeakKeyDictionary[Any, TokenTexts] = weakref.WeakKeyDictionary()
 
 
 def token_texts(tokenizer: Any) -> TokenTexts:
     """``TokenTexts`` of a tokenizer, built once per tokenizer object (a 150k vocabulary takes a few seconds)."""
-    key = id(tokenizer)
-    if key not in _TEXTS:
-        _TEXTS[key] = TokenTexts(tokenizer)
-    return _TEXTS[key]
+    texts = _TEXTS.get(tokenizer)
+    if texts is None:
+        texts = _TEXTS[tokenizer] = TokenTexts(tokenizer)
+    return texts
 
 
 class _Forwards:

@@ -114,6 +114,8 @@ def explain_stage(ctx: StageContext) -> dict[str, Any]:
         record = records[side][f]
         top = [Snippet(c["prefix"], c["token"], c["suffix"], c["activation"]) for c in record["contexts"]]
         top = top[: spec.contexts]
+        if not top:  # never fired on the analysed text: nothing to explain it from
+            continue
         promoted, says = _evidence(steering, side, f)
         try:
             text = explain(client, top, promoted, says, owner=f"model {side.upper()} ({models[side]})")
@@ -121,7 +123,7 @@ def explain_stage(ctx: StageContext) -> dict[str, Any]:
             ledger.fail(side, f, exc)
             consecutive += 1
             if getattr(exc, "fatal", False) or consecutive >= MAX_CONSECUTIVE_FAILURES:
-                ledger.data["stopped"] = f"stopped after {i + 1} of {len(queue)} features: {exc}"
+                ledger.data["stopped"] = f"after {i + 1} of {len(queue)} features: {exc}"
                 ledger.save()
                 break
             continue

@@ -380,7 +380,7 @@ def test_an_endpoint_answering_nothing_is_given_up_on_after_three_features(audit
     new_id, report = explained(audit, tiny_models, tmp_path)
 
     assert len(endpoint.requests) == 3 * 2  # each feature: the question and one correction
-    assert any("stopped after 3 of" in w for w in report.warnings)
+    assert any("stopped asking the explainer after 3 of" in w for w in report.warnings)
     assert audit.store.get_json(f"audits/{new_id}/stages/explain.json")["failed"] == 3
 
 

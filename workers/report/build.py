@@ -166,7 +166,7 @@ def explanation_warnings(explained: dict[str, Any] | None, explanations: dict[st
     out = []
     data = explanations or {}
     if data.get("stopped"):
-        out.append(f"explanations are incomplete: the explainer endpoint was {data['stopped']}")
+        out.append(f"explanations are incomplete: the stage stopped asking the explainer {data['stopped']}")
     failures = data.get("failures", [])
     if failures and not data.get("stopped"):
         out.append(f"{len(failures)} feature(s) have no explanation; the first error: {failures[0]['error']}")
