@@ -114,9 +114,15 @@ def explanation_prompt(
     return [{"role": "system", "content": EXPLAINER_SYSTEM}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
+def without_thinking(reply: str) -> str:
+    """The reply without a reasoning model's ``<think>…</think>`` block (served without a reasoning parser)."""
+    reply = re.sub(r"<think>.*?</think>", "", reply, flags=re.S)
+    return reply.split("<think>", 1)[0]  # an unclosed block: it ran out of tokens while thinking
+
+
 def parse_explanation(reply: str) -> str:
     """The phrase in an explainer's reply: its first non-empty line, without a label or quotes."""
-    for line in reply.strip().splitlines():
+    for line in without_thinking(reply).strip().splitlines():
         line = re.sub(r"^\s*(?:\*\*)?(?:explanation|answer|feature)\s*:\s*(?:\*\*)?\s*", "", line, flags=re.I)
         line = line.strip().strip("*").strip()
         if len(line) >= 2 and line[0] in "\"“'" and line[-1] in "\"”'":  # the whole phrase quoted
@@ -143,7 +149,7 @@ _VERDICTS = {"1": True, "0": False, "true": True, "false": False, "yes": True, "
 
 def parse_judgements(reply: str, n: int) -> list[bool]:
     """The judge's ``n`` verdicts: the first JSON-like list in its reply, of 0/1 (or true/false, yes/no)."""
-    for found in re.finditer(r"\[([^\[\]]*)\]", reply):
+    for found in re.finditer(r"\[([^\[\]]*)\]", without_thinking(reply)):
         items = [item.strip().strip("'\"").lower() for item in found.group(1).split(",") if item.strip()]
         if items and all(item in _VERDICTS for item in items):
             if len(items) != n:

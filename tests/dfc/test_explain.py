@@ -95,6 +95,7 @@ def test_detection_needs_both_kinds_of_context():
         ("Verdicts: [1,0,1]. Hope that helps [see above]", [True, False, True]),
         ('["yes", "no", "YES"]', [True, False, True]),
         ("```json\n[true, false, true]\n```", [True, False, True]),
+        ("<think>Maybe [0, 0, 0]? No.</think>\n[1, 0, 1]", [True, False, True]),
     ],
 )
 def test_verdicts_are_read_from_the_first_list_of_zeros_and_ones(reply, verdicts):
@@ -113,15 +114,18 @@ def test_a_list_of_the_wrong_length_is_not_taken_as_verdicts():
         ('\n\n**Explanation:** "The word Sorry at the start of a reply"\nMore detail…', "The word Sorry at the start "
          "of a reply"),
         ("Answer: dates in ISO format", "dates in ISO format"),
+        ("<think>\nThe contexts all end a refusal.\n</think>\n\nRefusals to discuss a topic", "Refusals to discuss a "
+         "topic"),
     ],
 )  # fmt: skip
 def test_the_explanation_is_the_first_line_without_label_or_quotes(reply, text):
     assert parse_explanation(reply) == text
 
 
-def test_an_empty_explanation_is_an_error():
+@pytest.mark.parametrize("reply", ["  \n ** ** \n", "<think>It could be about dams, or"])
+def test_an_empty_explanation_is_an_error(reply):
     with pytest.raises(ExplanationError):
-        parse_explanation("  \n ** ** \n")
+        parse_explanation(reply)
 
 
 def test_the_explainer_sees_each_context_on_one_line_with_the_token_marked_and_the_measured_behaviour():
