@@ -106,6 +106,43 @@ class TrainingSpec(_Strict):
     num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs for the training actor.")
 
 
+class TransferSpec(_Strict):
+    """A steering vector of one model to carry to the other through shared features (SCIENCE.md §9).
+
+    Give the vector itself (``vector``, raw activation scale at the source model's audited layer) or prompts
+    that contrast the behaviour (``positive``/``negative``: the difference of their mean activations).
+    """
+
+    name: str = Field(min_length=1, max_length=100, description="What the vector steers towards, e.g. 'sycophancy'.")
+    source: Literal["a", "b"] = Field("a", description="The model the vector belongs to; it is carried to the other.")
+    vector: list[float] | None = Field(
+        None, min_length=1, max_length=65_536, description="The vector, one value per dimension of the source layer."
+    )
+    positive: list[str] = Field(
+        default_factory=list, max_length=100, description="Prompts showing the behaviour (with negative, builds v)."
+    )
+    negative: list[str] = Field(
+        default_factory=list, max_length=100, description="Prompts without it (with positive, builds the vector)."
+    )
+    coefficient: float = Field(1.0, description="α of α·v in the source model (recorded; v is at its own norm).")
+    target_coefficient: float | None = Field(
+        None, description="α of α·v' in the target model when its continuations are generated; default: coefficient."
+    )
+    n_features: int = Field(10, ge=1, le=1000, description="Shared features the vector is rebuilt from (paper: 10).")
+
+    @model_validator(mode="after")
+    def _one_source_of_the_vector(self) -> TransferSpec:
+        contrast = bool(self.positive) or bool(self.negative)
+        if (self.vector is None) == (not contrast):
+            raise ValueError("give the steering vector either as vector or as positive and negative prompts")
+        if contrast and not (self.positive and self.negative):
+            raise ValueError("a contrast vector needs both positive and negative prompts")
+        values = [*(self.vector or []), self.coefficient, self.target_coefficient or 0.0]
+        if not all(math.isfinite(v) and abs(v) <= 1e6 for v in values):
+            raise ValueError("the vector and the coefficients must be finite (|value| ≤ 1e6)")
+        return self
+
+
 class SteeringSpec(_Strict):
     """Causal evidence: suppress and amplify the top features (SCIENCE.md §8)."""
 
@@ -121,6 +158,15 @@ class SteeringSpec(_Strict):
         default_factory=list, description="Extra prompts for side-by-side generations.", max_length=100
     )
     max_new_tokens: int = Field(40, ge=1, le=500, description="Length of generated continuations (greedy).")
+    transfer: TransferSpec | None = Field(
+        None, description="A steering vector to carry across through shared features; its own report section."
+    )
+
+    @model_validator(mode="after")
+    def _transfer_needs_the_stage(self) -> SteeringSpec:
+        if self.transfer is not None and not self.enabled:
+            raise ValueError("a steering transfer runs in the steering stage: set steering.enabled to true")
+        return self
 
     @field_validator("alphas")
     @classmethod

@@ -23,7 +23,8 @@ from dfc.crosscoder import Crosscoder
 from dfc.divergence import RemovalScreen, score_under, screen_removal
 from dfc.promoted import direct_logit_attribution
 from dfc.ranking import FeatureRanking, RankingWeights, rank_features
-from dfc.steering import FeatureGate, Steering, steering_sweep
+from dfc.steering import FeatureGate, Steering, greedy_continuations, next_token_kl, steering_sweep
+from dfc.transfer import contrast_vector, transfer_steering_vector
 from workers.analyse import (
     COMPARABLE_RANDOM,
     FEATURE_PROMPTS,
@@ -172,6 +173,49 @@ class _Progress:
                                  steered_features=self.counters["steered"])  # fmt: skip
 
 
+def _transfer(ctx: StageContext, cc: Crosscoder, models: _Models) -> dict[str, Any] | None:
+    """The spec's steering vector carried to the other model, with its effect there against a random control.
+
+    A vector that cannot be carried (wrong width, nothing shared points along it, non-finite activations) is
+    recorded with its error for the report's warnings: the rest of the audit stands without it.
+    """
+    spec = ctx.spec.steering.transfer
+    if spec is None:
+        return None
+    source, target = spec.source, OTHER[spec.source]
+    layers = {side: ctx.outputs["extract"][side]["layer_index"] for side in SIDES}
+    prompts = list(dict.fromkeys(ctx.spec.steering.probe_prompts or spec.positive[:3]))
+    alpha = spec.coefficient if spec.target_coefficient is None else spec.target_coefficient
+    try:
+        if spec.vector is not None:
+            v = torch.tensor(spec.vector, dtype=torch.float32)
+        else:
+            loaded = models.get(source)
+            v = contrast_vector(loaded.model, loaded.tokenizer, layers[source], spec.positive, spec.negative)
+        carried = transfer_steering_vector(cc, v, spec.n_features, source=source)
+        loaded = models.get(target)
+        steering = Steering(layers[target], carried.vector, alpha)
+        noise = torch.randn(carried.vector.shape, generator=torch.Generator().manual_seed(ctx.spec.seed))
+        control = Steering(layers[target], noise * (carried.vector.norm() / noise.norm()), alpha)
+        kl = next_token_kl(loaded.model, loaded.tokenizer, prompts, steering) if prompts else None
+        kl_random = next_token_kl(loaded.model, loaded.tokenizer, prompts, control) if prompts else None
+        own = None
+        if spec.positive:  # the target's own vector from the same prompts: did the transfer find its direction?
+            mine = contrast_vector(loaded.model, loaded.tokenizer, layers[target], spec.positive, spec.negative)
+            own = float(torch.nn.functional.cosine_similarity(mine, carried.vector, dim=0))
+        unsteered = greedy_continuations(loaded.model, loaded.tokenizer, prompts, ctx.spec.steering.max_new_tokens)
+        steered = greedy_continuations(loaded.model, loaded.tokenizer, prompts, ctx.spec.steering.max_new_tokens,
+                                       steering)  # fmt: skip
+    except ValueError as exc:  # SteeringError included
+        return {"name": spec.name, "source": source, "target": target, "error": str(exc)}
+    return {
+        "name": spec.name, "source": source, "target": target, "source_coefficient": spec.coefficient,
+        "target_coefficient": alpha, "features": carried.features.tolist(), "weights": carried.weights.tolist(),
+        "source_norm": float(v.norm()), "kl": kl, "kl_random": kl_random, "cosine_with_own_contrast": own,
+        "probe_prompts": prompts, "unsteered": unsteered, "steered": steered,
+    }  # fmt: skip
+
+
 def _ranking(
     analysis: dict[str, Any], side: str, screens: dict[int, RemovalScreen], weights: RankingWeights
 ) -> FeatureRanking:
@@ -244,8 +288,10 @@ def steer_stage(ctx: StageContext) -> dict[str, Any]:
             "features": results,
             "ranking": [ranked_json(e, weights) for e in order],
         }
+    transfer = _transfer(ctx, cc, models)
     key = ctx.key("analysis/steering.json")
-    ctx.store.put_json(key, {"version": 2, "alphas": list(ctx.spec.steering.alphas), "sides": out})
+    ctx.store.put_json(key, {"version": 2, "alphas": list(ctx.spec.steering.alphas), "sides": out,
+                             "transfer": transfer})  # fmt: skip
     ctx.report_progress(1.0, force=True)
     return {"skipped": False, "steering_json": key, "model_loads": models.loads,
             **{f"steered_{k}": len(v["features"]) for k, v in out.items()}}  # fmt: skip

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dfc.config import CrosscoderConfig
 from dfc.crosscoder import Crosscoder
-from dfc.hooks import find_decoder_layers
+from dfc.hooks import capture_activations, find_decoder_layers
 from dfc.steering import (
     FeatureGate,
     Steering,
@@ -22,8 +22,8 @@ from dfc.steering import (
     next_token_kl,
     steer,
     steering_sweep,
-    transfer_steering_vector,
 )
+from dfc.transfer import contrast_vector, transfer_steering_vector
 
 PROMPTS = ["The quick brown fox jumps over", "Paris is the capital of"]
 
@@ -170,3 +170,25 @@ def test_only_exclusive_features_can_be_gated():
     torch.testing.assert_close(gate.encoder, model.w_enc_b[b_only - model.b_offset].detach() * 4.0)
     with pytest.raises(ValueError, match="not exclusive"):
         FeatureGate.of(model, shared[0])
+
+
+def test_a_contrast_vector_is_the_difference_of_mean_activations_over_non_special_tokens(llama):
+    model, tok = llama
+    layer = 1
+    pos, neg = ["I love this, it is wonderful"], ["I hate this, it is awful", "Terrible and sad"]
+    v = contrast_vector(model, tok, layer, pos, neg)
+
+    def tokens(prompts):  # every non-special token's activation, BOS run but left out
+        rows = []
+        for p in prompts:
+            ids = torch.tensor(tok(p)["input_ids"])
+            acts = capture_activations(model, ids[None], None, layer).activations[0]
+            rows.append(acts[~torch.isin(ids, torch.tensor(tok.all_special_ids))])
+        return torch.cat(rows)
+
+    assert tok("x")["input_ids"][0] in tok.all_special_ids  # the prompts do start with a special token
+    assert torch.allclose(v, tokens(pos).mean(0) - tokens(neg).mean(0), atol=1e-5)
+    assert torch.allclose(contrast_vector(model, tok, layer, neg, pos), -v, atol=1e-6)
+    assert float(contrast_vector(model, tok, layer, pos, pos).abs().max()) == 0.0
+    with pytest.raises(ValueError, match="positive and negative"):
+        contrast_vector(model, tok, layer, pos, [])

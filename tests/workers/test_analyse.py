@@ -22,7 +22,7 @@ from dfc.explain import one_line
 from tests.fixtures.llm_server import KEY, MODEL, LLMServer, serve_llm
 from workers import pipeline
 from workers.analyse import analyse_stage, dfc_weights, partition
-from workers.analysis_data import OrderedPairs, locate_tokens, select_pairs
+from workers.analysis_data import OrderedPairs, load_crosscoder, locate_tokens, select_pairs
 from workers.context import AuditCancelled, StageContext
 from workers.extract import read_texts
 from workers.pipeline import run_audit
@@ -391,3 +391,40 @@ def test_explanations_asked_of_a_deployment_without_an_endpoint_leave_a_warning(
     _, report = explained(audit, tiny_models, tmp_path)
 
     assert any("explanations were asked for but not written: no explainer endpoint" in w for w in report.warnings)
+
+
+# ---------------------------------------------------------------------------------------------- steering transfer
+def transferred(audit: Audit, tiny_models: Any, tmp_path: Path, transfer: dict[str, Any]) -> tuple[str, AuditReport]:
+    """A copy of ``audit`` given a steering vector to carry across, run from the steer stage on; its id and report."""
+    tree = make_spec(tiny_models).model_dump()
+    tree["steering"] |= {"transfer": transfer, "top_n": 1}
+    new_id = copy_manifests(audit, AuditSpec.model_validate(tree), ["extract", "align", "train", "analyse"])
+    status = run_audit(new_id, str(audit.root), work_dir=tmp_path)
+    assert status.state is AuditState.SUCCEEDED, status.error
+    return new_id, AuditReport.model_validate_json(audit.store.get_bytes(f"audits/{new_id}/report/report.json"))
+
+
+def test_a_contrast_vector_of_a_is_carried_to_b_through_shared_features_and_reported(audit, tiny_models, tmp_path):
+    transfer = {"name": "politeness", "positive": ["Thank you so much, that is very kind.", "Please, after you."],
+                "negative": ["Move. Now.", "I do not care what you want."], "coefficient": 4.0, "n_features": 5}
+    new_id, report = transferred(audit, tiny_models, tmp_path, transfer)
+
+    t = report.steering_transfer
+    assert t is not None and (t.source, t.target, t.vector_name) == ("A", "B", "politeness")
+    cc = load_crosscoder(audit.store, audit.json("stages/train.json")["final_prefix"], tmp_path / "cc")
+    shared = set(cc.config.shared)
+    assert len(t.components) == 5 and {c.feature for c in t.components} <= shared
+    weights = [c.weight for c in t.components]
+    assert weights == sorted(weights, reverse=True) and weights[0] > 0
+    assert (t.source_coefficient, t.target_coefficient) == (4.0, 4.0)
+    assert [c.prompt for c in t.continuations] == ["The capital of France is"]  # the spec's probe prompts
+    assert "random direction of the same norm" in t.notes and "own vector from the same contrasting" in t.notes
+    page = audit.store.get_bytes(f"audits/{new_id}/report/report.html").decode()
+    assert 'id="transfer"' in page and html.escape("“politeness” from A to B") in page
+
+
+def test_a_vector_of_the_wrong_width_is_a_warning_and_the_audit_stands(audit, tiny_models, tmp_path):
+    _, report = transferred(audit, tiny_models, tmp_path, {"name": "x", "vector": [1.0] * 5})
+
+    assert report.steering_transfer is None and report.features_b[0].steering
+    assert any("'x' was not carried from A to B" in w and "5 dimensions" in w for w in report.warnings)

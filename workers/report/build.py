@@ -27,8 +27,10 @@ from workers.report.schema import (
     SharedFeature,
     SharedSummary,
     SteeringResult,
+    SteeringTransfer,
     TokenValue,
     TrainingMetrics,
+    TransferComponent,
 )
 from workers.spec import AuditSpec
 from workers.status import AuditStatus, now
@@ -157,6 +159,31 @@ def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any
     return out
 
 
+def steering_transfer(data: dict[str, Any] | None) -> SteeringTransfer | None:
+    """The report section of a transferred steering vector (None when none was given or it could not be carried)."""
+    if data is None or "error" in data:
+        return None
+    source, target = data["source"].upper(), data["target"].upper()
+    notes = []
+    if data["kl"] is not None:
+        notes.append(f"Next-token KL on the probe prompts in {target}: {data['kl']:.3g} with the transferred vector, "
+                     f"{data['kl_random']:.3g} with a random direction of the same norm.")  # fmt: skip
+        if data["kl"] < 2 * data["kl_random"]:
+            notes.append("That is not clearly more than chance: the behaviour may not have carried over.")
+    if data["cosine_with_own_contrast"] is not None:
+        notes.append(f"Cosine between the transferred vector and {target}'s own vector from the same contrasting "
+                     f"prompts: {data['cosine_with_own_contrast']:.2f}.")  # fmt: skip
+    return SteeringTransfer(
+        source=source, target=target, vector_name=data["name"],
+        components=[TransferComponent(feature=f, weight=_clamp(w, -1.0, 1.0))
+                    for f, w in zip(data["features"], data["weights"], strict=True)],
+        source_coefficient=data["source_coefficient"], target_coefficient=data["target_coefficient"],
+        continuations=[Continuation(prompt=p, unsteered=u, steered=s)
+                       for p, u, s in zip(data["probe_prompts"], data["unsteered"], data["steered"], strict=True)],
+        notes=" ".join(notes),
+    )  # fmt: skip
+
+
 def explanation_warnings(explained: dict[str, Any] | None, explanations: dict[str, Any] | None) -> list[str]:
     """What the reader should know about missing explanations, when they were asked for."""
     if explained is None or (explained.get("skipped") and not explained.get("requested")):
@@ -193,6 +220,10 @@ def report_warnings(analysis: dict[str, Any], steering: dict[str, Any] | None, m
     if steering is None:
         out.append("steering was not run: no causal evidence, and no promoted or suppressed tokens were computed")
         return out
+    transfer = steering.get("transfer")
+    if transfer is not None and "error" in transfer:
+        out.append(f"the steering vector '{transfer['name']}' was not carried from {transfer['source'].upper()} to "
+                   f"{transfer['target'].upper()}: {transfer['error']}")  # fmt: skip
     for side, data in steering["sides"].items():
         controls = [f["random_control"] for f in data["features"]]
         comparable = sum(c["comparable"] for c in controls)
@@ -254,6 +285,7 @@ def build_report(audit_id: str, spec: AuditSpec, status: AuditStatus, outputs: d
                                     frequency=_clamp(s["frequency"]), top_tokens=s["top_tokens"], snippet=s["snippet"])
                       for s in analysis["shared"]["features"]],
         ),
+        steering_transfer=steering_transfer((steering or {}).get("transfer")),
         warnings=report_warnings(analysis, steering, {"a": models["a"].id, "b": models["b"].id})
         + explanation_warnings(outputs.get("explain"), explanations),
     )  # fmt: skip
