@@ -23,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlparse
 
+from tests.fixtures.http import JSONHandler
+
 PAGE_SIZE = 2
 """Small pages, so a listing needs the Link header and an early stop saves requests."""
 
@@ -96,21 +98,8 @@ class ApiState:
 
 
 def _hub_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:  # keep pytest output clean
-            pass
-
-        def _json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
+    class Handler(JSONHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server names it)
             url = urlparse(self.path)
             state.requests.append(url.path)
             query = parse_qs(url.query)
@@ -158,19 +147,8 @@ def _hub_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
 
 
 def _api_handler(state: ApiState) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def _json(self, status: int, body: Any) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_POST(self) -> None:
+    class Handler(JSONHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server names it)
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
             if self.path != "/audits":
                 self._json(404, {"detail": "not found"})
