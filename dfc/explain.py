@@ -27,8 +27,6 @@ T = TypeVar("T")
 MAX_EXPLANATION_CHARS = 300
 MAX_SNIPPET_CHARS = 400
 """Longer contexts are cut around the marked token: the judge and the explainer need the neighbourhood."""
-INTERPRETABLE = 0.8
-"""Detection score from which a feature counts as interpretable (SCIENCE.md §6)."""
 
 EXPLAINER_SYSTEM = (
     "You are an interpretability researcher. A sparse dictionary (a crosscoder) was trained on the internal "
@@ -74,7 +72,6 @@ class Detection(NamedTuple):
 
 def one_line(text: str) -> str:
     """``text`` on one line: line breaks shown as ↵ (one context per line in a prompt)."""
-    # One context per line: line breaks inside it are shown, not obeyed.
     return text.replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵").replace("\t", " ")
 
 

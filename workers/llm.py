@@ -52,10 +52,6 @@ class ExplainerSettings(BaseSettings):
         None, ge=1, le=100_000, description="max_tokens sent with each request; empty: the server's default."
     )
 
-    @property
-    def configured(self) -> bool:
-        return bool(self.url)
-
     def problem(self) -> str | None:
         """Why explanations cannot be written with these settings (None: they can)."""
         if not self.url:

@@ -11,7 +11,7 @@ import json
 
 from workers.report import plots
 from workers.report.cards import badge, esc, feature_card, feature_row, fmt_freq, shared_link, token_text
-from workers.report.schema import AuditReport, ModelInfo, Owner
+from workers.report.schema import INTERPRETABLE, AuditReport, ModelInfo, Owner
 
 DEFAULT_TOP_N = 50
 
@@ -243,7 +243,7 @@ def _explained(report: AuditReport) -> str:
     judged = [e.detection_score for e in explained if e.detection_score is not None]
     by = ", ".join(sorted({e.explainer for e in explained}))
     return (f" Explanations: {len(explained)} features explained by {esc(by)}; {len(judged)} judged, "
-            f"{sum(s >= 0.8 for s in judged)} of them interpretable (detection score ≥ 0.8).")
+            f"{sum(s >= INTERPRETABLE for s in judged)} of them interpretable (detection score ≥ {INTERPRETABLE}).")
 
 
 def _details(report: AuditReport) -> str:

@@ -17,6 +17,9 @@ SCHEMA_VERSION = "1.3"
 """1.1: ``nu_r_threshold`` may be null (ν_r not tested for a feature the other model has no decoder for).
 1.2: ``FeatureReport.divergence``. 1.3: ``Explanation.detection_contexts``."""
 
+INTERPRETABLE = 0.8
+"""Detection score from which an explanation counts as interpretable (SCIENCE.md §6)."""
+
 Owner = Literal["A", "B"]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
