@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerFast
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dfc.align import (  # noqa: E402
+from dfc.lm.align import (  # noqa: E402
     DEFAULT_MODE,
     AlignmentSummary,
     AlignMode,

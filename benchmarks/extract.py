@@ -29,8 +29,8 @@ from dfc.config import CrosscoderConfig
 from dfc.crosscoder import Crosscoder
 from dfc.trainer import TrainConfig, Trainer
 from tests.fixtures.s3 import running_s3_server
-from workers.pairing import PairedActivations, align_activations
-from workers.shards import ShardData, ShardWriter
+from workers.activations.pairing import PairedActivations, align_activations
+from workers.activations.shards import ShardData, ShardWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

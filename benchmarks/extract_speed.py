@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dfc.hooks import capture_activations  # noqa: E402
+from dfc.lm.hooks import capture_activations  # noqa: E402
 from tests.fixtures.tiny_models import build_tiny_model  # noqa: E402
-from workers.loading import load_model  # noqa: E402
+from workers.activations.loading import load_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "extract_speed.json"
 TARGET = 0.8

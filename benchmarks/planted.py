@@ -1,14 +1,14 @@
 """Ground truth on the planted-behaviour pair: does the audit find model B's planted feature, and is it causal?
 
 Model B (Qwen3-style, d=96) answers every sentence about "the Zorblax dam" with a fixed refusal; model A
-(Llama-style, d=64, another tokenizer) never does (workers/planted.py). This script extracts both models'
+(Llama-style, d=64, another tokenizer) never does (workers/planted/pair.py). This script extracts both models'
 residual streams on the audit corpus, pairs tokens by character offsets, trains a DFC and a standard
 crosscoder, and checks against the known answer:
 
 * the planted feature: of the B-exclusive features whose activation lies mostly on trigger-sentence ends
   (where B is about to say the refusal), the one that writes most of B's trigger direction; its rank under
-  ``dfc.ranking.rank_features`` among B-exclusive features (every one screened as the steer stage does:
-  removal KL and divergence from A, ``dfc/divergence.py``; also the rank without divergence), and the rank
+  ``dfc.analysis.ranking.rank_features`` among B-exclusive features (every one screened as the steer stage does:
+  removal KL and divergence from A, ``dfc/behaviour/divergence.py``; also the rank without divergence), and the rank
   of the standard crosscoder's best trigger detector by relative decoder norm (SCIENCE.md §10);
 * suppression: steering B with ``α · s_max · d`` along the planted feature's raw-scale decoder, the drop in
   the planted continuation's probability on trigger prompts and the next-token KL on neutral prompts
@@ -40,19 +40,24 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dfc.align import align_offsets
+from dfc.analysis.features import PairedTokens, context_record, scan_features
+from dfc.analysis.promoted import direct_logit_attribution
+from dfc.analysis.ranking import rank_by_relative_norm, rank_features
+from dfc.behaviour.divergence import score_under, screen_removal
+from dfc.behaviour.steering import FeatureGate, Steering, next_token_kl, steer
 from dfc.config import CrosscoderConfig
 from dfc.crosscoder import Crosscoder
-from dfc.divergence import score_under, screen_removal
-from dfc.features import PairedTokens, context_record, scan_features
-from dfc.hooks import find_decoder_layers, iter_document_activations, resolve_layer
+from dfc.lm.align import align_offsets
+from dfc.lm.hooks import find_decoder_layers, iter_document_activations, resolve_layer
 from dfc.metrics import evaluate, latent_scaling
-from dfc.promoted import direct_logit_attribution
-from dfc.ranking import rank_by_relative_norm, rank_features
-from dfc.steering import FeatureGate, Steering, next_token_kl, steer
 from dfc.trainer import TrainConfig, train
-from workers.analyse import dfc_weights
-from workers.planted import PlantedPairConfig, build_planted_pair, measure_planted_behaviour, planted_corpus_documents
+from workers.analysis.analyse import dfc_weights
+from workers.planted.pair import (
+    PlantedPairConfig,
+    build_planted_pair,
+    measure_planted_behaviour,
+    planted_corpus_documents,
+)
 from workers.spec import RankingWeights as SpecRankingWeights
 
 RESULTS = Path(__file__).parent / "results"

@@ -34,7 +34,7 @@ def serve(port: int, store: str) -> None:
     """Child process: the app with a recording submitter, served by uvicorn."""
     import uvicorn
 
-    from service.app import create_app
+    from service.api.app import create_app
     from tests.service.conftest import FakeSubmitter, make_settings
 
     app = create_app(make_settings(store), FakeSubmitter())
@@ -95,7 +95,7 @@ def schemathesis_cases(tmp: Path) -> tuple[int, int]:
     """Run the fuzz test's generator against the app; return (cases, responses with a 5xx)."""
     import schemathesis
 
-    from service.app import create_app
+    from service.api.app import create_app
     from tests.service import test_openapi_fuzz as fuzz
     from tests.service.conftest import FakeSubmitter, make_settings
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from workers.llm import ExplainerSettings
+from workers.analysis.llm import ExplainerSettings
 
 MIN_API_KEY_CHARS = 16
 """Shorter keys are guessable; `openssl rand -hex 32` makes a good one."""

@@ -20,10 +20,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dfc.steering import FeatureGate, Steering, next_token_kl, steer
+from dfc.behaviour.steering import FeatureGate, Steering, next_token_kl, steer
 from tests.fixtures.llm_server import KEY, MODEL, LLMServer, serve_llm
-from workers.analysis_data import load_crosscoder
-from workers.planted import PlantedPair, measure_planted_behaviour
+from workers.analysis.data import load_crosscoder
+from workers.planted.pair import PlantedPair, measure_planted_behaviour
 from workers.report.schema import AuditReport, FeatureReport
 from workers.storage import open_store
 

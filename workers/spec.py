@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from workers.corpus import CorpusSpec
+from workers.activations.corpus import CorpusSpec
 
 # A hub id ("org/name", "name") or a local path; the hub's own rules: letters, digits, "-", "_", ".".
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

@@ -146,7 +146,7 @@ def test_batch_jobs_are_bounded_in_time_and_retries(target: str) -> None:
 @pytest.mark.parametrize("target", RENDERS)
 def test_env_vars_of_the_project_image_are_read_by_settings(target: str) -> None:
     from service.settings import Settings
-    from workers.llm import ExplainerSettings
+    from workers.analysis.llm import ExplainerSettings
 
     prefix = Settings.model_config.get("env_prefix", "")
     readable = {f"{prefix}{field}".upper() for field in Settings.model_fields}
@@ -267,8 +267,8 @@ def test_services_and_monitors_select_what_exists(target: str) -> None:
 
 @pytest.mark.parametrize("target", RENDERS)
 def test_screening_reads_the_watch_list_it_mounts(target: str) -> None:
-    from service.screen import _parser
-    from service.watchlist import WatchList
+    from service.screening.screen import _parser
+    from service.screening.watchlist import WatchList
 
     resources = render(target)
     cron = find(resources, "CronJob", "dfc-audit-screening")
@@ -329,7 +329,7 @@ def test_dockerignore_keeps_secrets_weights_and_environments_out() -> None:
 
 
 def test_container_commands_are_cli_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    cli = pytest.importorskip("service.cli", reason="service/cli.py is not there yet")
+    cli = pytest.importorskip("service.cli.main", reason="service/cli/main.py is not there yet")
     for target in RENDERS:
         for pod in pods(render(target)):
             for container in containers(pod):

@@ -11,13 +11,13 @@ import pytest
 from fastapi.testclient import TestClient
 from huggingface_hub import HfApi, constants
 
-from service.app import create_app
-from service.screen import AuditClient
+from service.api.app import create_app
+from service.screening.screen import AuditClient
 from service.settings import Settings
-from service.submit import SubmitError
-from tests.service.screen_servers import API_KEY as SCREEN_API_KEY
-from tests.service.screen_servers import ApiState, HubState, api_server, hub_server, populate
-from workers.llm import ExplainerSettings
+from service.submission.base import SubmitError
+from tests.service.screening.screen_servers import API_KEY as SCREEN_API_KEY
+from tests.service.screening.screen_servers import ApiState, HubState, api_server, hub_server, populate
+from workers.analysis.llm import ExplainerSettings
 
 API_KEY = "test-key-5f0c1d2e3a4b5c6d7e8f"
 OTHER_KEY = "second-key-00112233445566778899"
@@ -98,7 +98,7 @@ def anonymous(settings: Settings, submitter: FakeSubmitter) -> Iterator[TestClie
         yield c
 
 
-# --- the screening tests' stand-ins (tests/service/screen_servers.py), shared by test_screen*.py
+# --- the screening tests' stand-ins (tests/service/screening/screen_servers.py), shared by test_screen*.py
 
 
 @pytest.fixture

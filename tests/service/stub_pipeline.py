@@ -1,11 +1,11 @@
-"""A stand-in for ``workers.pipeline.run_audit`` that a real Ray worker runs in the submitter tests."""
+"""A stand-in for ``workers.pipeline.run.run_audit`` that a real Ray worker runs in the submitter tests."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from workers.status import AuditState, AuditStatus, AuditStore, now
+from workers.pipeline.status import AuditState, AuditStatus, AuditStore, now
 from workers.storage import open_store
 
 

@@ -31,7 +31,7 @@ CRASH_STEPS = 400
 
 
 def spec(tiny_models: Any, *, steps: int = 30, seed: int = 0) -> dict[str, Any]:
-    """A tiny audit of Qwen3 against Llama (the values of tests/workers/test_analyse.py, less steering)."""
+    """A tiny audit of Qwen3 against Llama (the values of tests/workers/analysis/test_analyse.py, less steering)."""
     return {
         "model_a": {"id": str(tiny_models["llama"])},
         "model_b": {"id": str(tiny_models["qwen3"])},

@@ -3,8 +3,8 @@
 import pydantic
 import pytest
 
+from workers.pipeline.status import STAGES, AuditState, AuditStore, overall_progress
 from workers.spec import MAX_TOKEN_BUDGET, AuditSpec
-from workers.status import STAGES, AuditState, AuditStore, overall_progress
 
 BASE = {"model_a": {"id": "meta-llama/Llama-3.1-8B-Instruct"}, "model_b": {"id": "Qwen/Qwen3-8B"}}
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from dfc.divergence import RemovalScreen
-from dfc.ranking import RankingWeights
+from dfc.analysis.ranking import RankingWeights
+from dfc.behaviour.divergence import RemovalScreen
+from workers.pipeline.status import AuditStatus, now
 from workers.report.schema import (
     AlignmentSummary,
     AuditReport,
@@ -33,7 +34,6 @@ from workers.report.schema import (
     TransferComponent,
 )
 from workers.spec import AuditSpec
-from workers.status import AuditStatus, now
 
 
 def _clamp(value: float, low: float = 0.0, high: float = 1.0) -> float:

@@ -212,7 +212,7 @@ def _feature(rng: random.Random, owner: Owner, i: int, index: int, flagship: boo
     nats = round(sum(t.gain * (t.logprob_owner - t.logprob_other) for t in tokens), 4)
     divergence = Divergence(nats=nats, removal_kl=round(strength * rng.uniform(0.1, 0.3), 4), contexts=1,
                             tokens=tokens)  # fmt: skip
-    # Named and weighted like dfc.ranking.rank_features: the Latent Scaling penalty is a negative weight.
+    # Named and weighted like dfc.analysis.ranking.rank_features: the Latent Scaling penalty is a negative weight.
     components = {
         "strength": round(max_act / 28.0, 4),
         "frequency": round((math.log(frequency) - math.log(1e-6)) / -math.log(1e-6), 4),

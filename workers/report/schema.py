@@ -194,7 +194,7 @@ class DivergentToken(_Model):
 
 
 class Divergence(_Model):
-    """Does the feature push its model toward text the other model would not write? (dfc/divergence.py)"""
+    """Does the feature push its model toward text the other model would not write? (dfc/behaviour/divergence.py)"""
 
     nats: float = Field(
         description="Mean over contexts of Σ gain · (log P_owner − log P_other) over the tokens it promotes; "

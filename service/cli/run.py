@@ -1,0 +1,331 @@
+"""Running an audit in the foreground of this machine: the spec from command-line flags, the planted-pair demo,
+and the pipeline on a thread with a progress bar per stage.
+
+The bars are drawn from status.json, the same source of truth the API serves, polled twice a second.
+Ctrl-C asks the pipeline to cancel (it stops within a second or two) instead of killing it mid-write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+
+from service.cli.common import CLIError, open_audits, show_summary, store_settings_from_env
+from workers.pipeline.status import STAGES, AuditState, AuditStatus, AuditStore
+from workers.spec import AuditSpec
+from workers.storage import ObjectStore
+
+POLL_S = 0.5
+
+
+def _detail(state: AuditState, counters: dict[str, float]) -> str:
+    """The counters worth reading next to one stage's bar."""
+    c = counters.get
+    if state is AuditState.EXTRACTING and ("tokens_extracted_a" in counters or "tokens_extracted_b" in counters):
+        return f"A {c('tokens_extracted_a', 0):,.0f} · B {c('tokens_extracted_b', 0):,.0f} tokens"
+    if state is AuditState.ALIGNING and "token_pairs" in counters:
+        return f"{c('token_pairs', 0):,.0f} token pairs"
+    if state is AuditState.TRAINING and "training_step" in counters:
+        text = f"step {c('training_step', 0):,.0f}"
+        if "loss" in counters:
+            text += f" · loss {c('loss', 0):.3g} · FVE {c('fve_a', 0):.2f}/{c('fve_b', 0):.2f}"
+        return text
+    if state is AuditState.EXPLAINING and "explained" in counters:
+        return f"{c('explained', 0):,.0f} features explained · {c('explainer_requests', 0):,.0f} requests"
+    return ""
+
+
+class StageBars:
+    """One rich progress bar per stage, updated from an ``AuditStatus``."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[AuditState, TaskID] = {
+            state: progress.add_task(state.value, total=1.0, detail="") for state in STAGES
+        }
+
+    def update(self, status: AuditStatus) -> None:
+        current = STAGES.index(status.stage) if status.stage in STAGES else -1
+        for i, state in enumerate(STAGES):
+            seconds = status.stage_seconds.get(state.value)
+            if seconds is not None:
+                done, detail = 1.0, f"done in {seconds:.1f} s · {_detail(state, status.counters)}".rstrip(" ·")
+            elif i == current:
+                done, detail = status.stage_progress, _detail(state, status.counters)
+            else:
+                done, detail = 0.0, ""
+            self.progress.update(self.tasks[state], completed=done, detail=detail)
+
+
+def run_with_progress(
+    audits: AuditStore,
+    audit_id: str,
+    run: Any,
+    *,
+    console: Console | None = None,
+    bars: bool = True,
+) -> AuditStatus:
+    """Call ``run()`` (which runs the audit and returns its status) on a thread while drawing its progress."""
+    console = console or Console(stderr=True)
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["status"] = run()
+        except BaseException as exc:  # re-raised on the main thread, where the CLI reports it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"audit-{audit_id}", daemon=True)
+    thread.start()
+    progress = Progress(
+        TextColumn("{task.description:>11}"),
+        BarColumn(bar_width=20),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[detail]}"),
+        console=console,
+        disable=not bars,
+    )
+    stage_bars = StageBars(progress)
+    cancelling = False
+    with progress:
+        while thread.is_alive():
+            try:
+                thread.join(POLL_S)
+                stage_bars.update(audits.status(audit_id))
+            except KeyboardInterrupt:
+                if cancelling:
+                    raise  # a second Ctrl-C: leave now; a later run resumes from what was committed
+                cancelling = True
+                audits.request_cancel(audit_id)
+                console.print("cancelling… (Ctrl-C again to leave without waiting)")
+        status = outcome.get("status") or audits.status(audit_id)
+        stage_bars.update(status)
+    if "error" in outcome:
+        raise outcome["error"]
+    return status
+
+
+def elapsed(start: float) -> str:
+    """Wall time since ``start`` (a ``time.monotonic()``), as people read it."""
+    seconds = time.monotonic() - start
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
+
+
+# --------------------------------------------------------------------------------------------- the spec
+def _local_or_hub(value: str) -> str:
+    """An existing local path as an absolute one (Ray workers run elsewhere), anything else unchanged."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[leaf] = value
+
+
+def _validation_message(exc: ValidationError) -> str:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors())
+    return f"invalid audit spec: {problems}"
+
+
+# Flags of `run` that map onto spec fields (flag dest → dotted spec path).
+_SPEC_FLAGS = {
+    "model_a": "model_a.id",
+    "model_b": "model_b.id",
+    "revision_a": "model_a.revision",
+    "revision_b": "model_b.revision",
+    "layer_a": "model_a.layer",
+    "layer_b": "model_b.layer",
+    "gpus_a": "model_a.resources.num_gpus",
+    "gpus_b": "model_b.resources.num_gpus",
+    "token_budget": "token_budget",
+    "max_length": "max_length",
+    "n_features": "crosscoder.n_features",
+    "k": "crosscoder.k",
+    "steps": "training.steps",
+    "batch_size": "training.batch_size",
+    "lr": "training.lr",
+    "gpus_train": "training.num_gpus",
+    "top_features": "top_features",
+    "seed": "seed",
+}
+
+
+def spec_from_args(args: argparse.Namespace) -> AuditSpec:
+    """The audit spec: ``--spec`` file (if any) with every flag given on the command line applied on top."""
+    tree: dict[str, Any] = {}
+    if args.spec:
+        try:
+            tree = json.loads(Path(args.spec).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CLIError(f"cannot read the spec file {args.spec}: {exc}") from None
+    for dest, dotted in _SPEC_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            _set(tree, dotted, _local_or_hub(value) if dest in ("model_a", "model_b") else value)
+    if args.corpus:
+        if args.corpus == ["builtin"]:
+            corpus: dict[str, Any] = {"kind": "builtin"}
+        else:
+            corpus = {"kind": "files", "paths": [_local_or_hub(p) for p in args.corpus]}
+        if args.max_docs:
+            corpus["max_docs"] = args.max_docs
+        tree["corpus"] = corpus
+    if args.no_steering:
+        _set(tree, "steering.enabled", False)
+    if args.steer_prompt:
+        _set(tree, "steering.probe_prompts", args.steer_prompt)
+    if args.explain:
+        _set(tree, "explain.enabled", True)
+    try:
+        spec = AuditSpec.model_validate(tree)
+    except ValidationError as exc:
+        raise CLIError(_validation_message(exc)) from None
+    if spec.explain.enabled:
+        check_explainer()
+    return spec
+
+
+def check_explainer() -> None:
+    """Refuse explanations before any work when this machine has no explainer endpoint to ask."""
+    from workers.analysis.llm import ExplainerSettings
+
+    problem = ExplainerSettings().problem()
+    if problem:
+        raise CLIError(f"explanations were asked for, but {problem}; set DFC_EXPLAINER_URL and DFC_EXPLAINER_MODEL "
+                       "(and DFC_EXPLAINER_API_KEY if the endpoint needs one), or leave out --explain")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- running
+def _print_outcome(status: AuditStatus, store: ObjectStore, url: str, started: float) -> int:
+    """Say how the audit ended and where its report is; the exit code follows the state."""
+    print(f"audit {status.id}: {status.state.value} in {elapsed(started)}")
+    if status.state is AuditState.SUCCEEDED:
+        for key in (status.report_html, status.report_json):
+            if key:
+                print(f"  report: {store.url.rstrip('/')}/{key}")
+        show_summary(store, status)
+        return 0
+    if status.state is AuditState.FAILED and status.error is not None:
+        print(f"  failed in {status.error.stage}: {status.error.message}", file=sys.stderr)
+        return 1
+    if status.state is AuditState.CANCELLED:
+        return 130
+    stage = status.stage.value if status.stage else "nothing"
+    print(f"  stopped after {stage}; continue with: dfc-audit run-audit {status.id} --store {url}")
+    return 0
+
+
+def execute(audit_id: str, url: str, args: argparse.Namespace, *, bars: bool = True) -> int:
+    """Run the stored audit on local Ray (or the cluster this process is in) with progress bars."""
+    from workers.pipeline.run import ensure_ray, run_audit
+
+    store, audits = open_audits(url)
+    started = time.monotonic()
+    ensure_ray(getattr(args, "num_cpus", None))  # on the main thread: Ray installs signal handlers
+    work_dir = Path(args.work_dir) if getattr(args, "work_dir", None) else None
+    status = run_with_progress(
+        audits,
+        audit_id,
+        lambda: run_audit(
+            audit_id, url, store_settings_from_env(), work_dir=work_dir, stop_after=getattr(args, "stop_after", None)
+        ),
+        bars=bars,
+    )
+    return _print_outcome(status, store, url, started)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``dfc-audit run``: create an audit from the flags and run it here."""
+    spec = spec_from_args(args)
+    store, audits = open_audits(args.store)
+    store.check()
+    status = audits.create(spec, audit_id=args.audit_id)
+    print(f"audit {status.id}: {spec.model_b.id} against {spec.model_a.id}, store {store.url}")
+    return execute(status.id, args.store, args)
+
+
+def demo_spec(pair: Any, corpus_path: Path, token_budget: int, *, explain: bool = False) -> AuditSpec:
+    """The audit of the planted pair: small-model sizes, steering on the pair's trigger and neutral prompts."""
+    return AuditSpec.model_validate(
+        {
+            "model_a": {"id": str(pair.model_a_dir)},
+            "model_b": {"id": str(pair.model_b_dir)},
+            "corpus": {"kind": "files", "paths": [str(corpus_path)]},
+            "token_budget": token_budget,
+            "max_length": 256,
+            # The toy-scale recipe of benchmarks/planted.py (RESULTS.md): a 512-feature dictionary with 20% per
+            # exclusive partition, k = 16, exclusive decoders starting at twice the shared norm, a higher learning
+            # rate and a stronger AuxK than the paper's 100M-token recipe.
+            "crosscoder": {"n_features": 512, "k": 16, "a_only": 0.2, "b_only": 0.2},
+            "training": {
+                "batch_size": 512,
+                "lr": 3e-3,
+                "steps": 600,
+                "aux_k": 16,
+                "aux_alpha": 0.5,
+                "dead_after_tokens": 20_000,
+                "exclusive_init_norm": 0.8,
+                "checkpoint_every": 300,
+            },
+            "steering": {
+                "top_n": 5,
+                "alphas": [-4.0, -2.0, 2.0, 4.0],
+                "probe_prompts": [*pair.trigger_prompts[:3], *pair.neutral_prompts[:2]],
+                "max_new_tokens": 12,
+            },
+            "top_features": 20,
+            "explain": {"enabled": explain, "top_n": 5},
+            "labels": {
+                "demo": "planted-pair",
+                "trigger_word": pair.trigger_word,
+                "planted_continuation": pair.planted_continuation,
+            },
+        }
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``dfc-audit demo``: build (or reuse) the planted pair, write its audit corpus, audit B against A."""
+    from workers.planted.pair import PlantedPairConfig, build_planted_pair, planted_corpus_documents
+
+    if args.explain:
+        check_explainer()
+
+    # build_planted_pair trains single-threaded itself; the stages set their own threads in their actors.
+    started = time.monotonic()
+    cache = Path(os.environ.get("DFC_CACHE") or "~/.cache/dfc-audit").expanduser() / "planted"
+    print(f"planted pair: {cache} (trained on first use, about a minute on a CPU)")
+    pair = build_planted_pair(cache)
+    # About 35 tokens per document: write enough of the (deterministic) audit stream to fill the budget.
+    n_docs = max(PlantedPairConfig().n_audit_docs, args.token_budget // 25)
+    corpus_path = cache / f"audit_corpus-{n_docs}.jsonl"
+    if not corpus_path.is_file():
+        docs = planted_corpus_documents(dataclasses.replace(PlantedPairConfig(), n_audit_docs=n_docs))
+        tmp = corpus_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+        tmp.replace(corpus_path)
+    spec = demo_spec(pair, corpus_path, args.token_budget, explain=args.explain)
+    store, audits = open_audits(args.store)
+    store.check()
+    status = audits.create(spec)
+    print(
+        f"audit {status.id}: B ({pair.model_b_dir.name}, planted '{pair.planted_continuation.strip()}' after "
+        f"'{pair.trigger_word}') against A; store {store.url}"
+    )
+    code = execute(status.id, args.store, args)
+    print(f"demo wall time: {elapsed(started)}")
+    return code
