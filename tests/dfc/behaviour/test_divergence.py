@@ -1,17 +1,14 @@
-"""Behavioural divergence (dfc/behaviour/divergence.py): text probabilities that do not depend on how a tokenizer
-splits the text, removal screens of what a feature makes its model say, and the divergence component of the ranking."""
+"""Behavioural divergence (dfc/behaviour/divergence.py): removal screens of what a feature makes its model say, scored
+under another model, and the divergence component of the ranking. Text scoring itself: tests/dfc/lm/test_scoring.py."""
 
 from __future__ import annotations
-
-import gc
-import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dfc.analysis.ranking import RankingWeights, rank_features
-from dfc.behaviour.divergence import LOGPROB_FLOOR, continuation_logprob, score_under, screen_removal, token_texts
+from dfc.behaviour.divergence import score_under, screen_removal
 from dfc.behaviour.steering import Steering
 from tests.dfc.analysis.test_features import _stats_for_ranking
 
@@ -26,29 +23,6 @@ def pair(tiny_models):
                AutoTokenizer.from_pretrained(tiny_models[arch]))
         for arch in ("llama", "mistral", "gemma3")
     }  # fmt: skip
-
-
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3"])
-def test_the_probabilities_of_every_next_character_sum_to_one_however_the_tokenizer_splits(pair, arch):
-    model, tok = pair[arch]
-    texts = token_texts(tok).texts
-    firsts = sorted({text[0] for text in texts if text})
-    total = sum(math.exp(continuation_logprob(model, tok, CONTEXT, c)) for c in firsts)
-    # What is missing is at most the chance of a token that adds no text (a special one: end of text) right
-    # after the context's last token.
-    with torch.no_grad():
-        ids = torch.tensor([tok(CONTEXT)["input_ids"]])
-        p = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
-    silent = float(sum(p[t] for t, text in enumerate(texts) if not text))
-    assert 1.0 - silent - 1e-3 < total <= 1.0 + 1e-4 and silent < 0.5
-
-
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3"])
-def test_a_longer_continuation_is_never_more_likely_than_its_prefix(pair, arch):
-    model, tok = pair[arch]
-    scores = [continuation_logprob(model, tok, CONTEXT, text) for text in (" t", " th", " the", " the lazy")]
-    assert all(LOGPROB_FLOOR <= s <= 0 for s in scores)
-    assert scores == sorted(scores, reverse=True)
 
 
 def test_a_screen_names_what_removal_takes_away_and_is_zero_against_its_own_model(pair):
@@ -79,16 +53,3 @@ def test_divergence_lifts_a_weaker_feature_and_negative_divergence_counts_as_non
     assert one.divergence == pytest.approx(1.0) and one.divergence_nats == pytest.approx(4.0)
     assert zero.divergence == 0.0 and zero.divergence_nats == pytest.approx(-2.0)
     assert one.score == pytest.approx(one.strength + 0.5 * one.frequency + 2.0)
-
-
-def test_token_texts_belong_to_their_tokenizer_object_and_go_with_it(tiny_models):
-    from dfc.behaviour import divergence
-
-    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    texts = token_texts(tok)
-    assert token_texts(tok) is texts and len(texts.texts) == len(tok)
-    held = len(divergence._TEXTS)
-    del tok, texts
-    gc.collect()
-    # Gone with it: a later tokenizer that happens to get the same id() is never read with these texts.
-    assert len(divergence._TEXTS) == held - 1
