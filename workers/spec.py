@@ -21,14 +21,49 @@ from workers.activations.corpus import CorpusSpec
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 MAX_TOKEN_BUDGET = 10_000_000_000
 """Ten billion tokens: 100× the paper's budget; anything above is a typo, not an audit."""
+MAX_WEIGHT = 1e6
+"""Largest magnitude of a ranking weight or threshold: beyond it the score's arithmetic loses its meaning."""
+MAX_CHARS = 1_000_000_000
+"""Largest ``corpus.max_chars``: a billion characters per document is no limit at all."""
 
+# What the Hub accepts as a revision: a branch or tag name under git's rules (git check-ref-format), which a
+# 40-hex commit id also satisfies. The revision becomes part of object keys, so "..", a leading "/" or a
+# control character must never get through.
+_REF_FORBIDDEN = re.compile(r"[~^:?*\[\\]")
+
+Weight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
+Penalty = Annotated[float, Field(ge=0, le=MAX_WEIGHT)]
+Threshold = Annotated[float, Field(gt=0, le=MAX_WEIGHT)]
 LayerSpec = Annotated[
     int | Literal["middle"], Field(description='Decoder block index, negative from the end, or "middle".')
 ]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: JSON has no NaN or infinity (1e400 parses as one), so such a number is a client's
+    # mistake, answered with the field's name, never carried into training.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def revision_problem(value: str) -> str | None:
+    """Why ``value`` is not a branch, tag or commit name the Hub could resolve (None when it is one)."""
+    if not value:
+        return "it is empty"
+    if len(value) > 255:
+        return f"it is {len(value)} characters long (at most 255)"
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return "it contains a space or control character"
+    if bad := _REF_FORBIDDEN.search(value):
+        return f"it contains {bad.group()!r}"
+    if value.startswith("/") or value.endswith("/") or "//" in value:
+        return "it starts or ends with '/' or has an empty segment ('//')"
+    if ".." in value:
+        return "it contains '..'"
+    if any(segment.startswith(".") or segment.endswith(".lock") for segment in value.split("/")):
+        return "a segment starts with '.' or ends with '.lock'"
+    if value.endswith(".") or "@{" in value or value == "@":
+        return "it ends with '.' or contains '@{'"
+    return None
 
 
 class Resources(_Strict):
@@ -66,8 +101,12 @@ class ModelRef(_Strict):
     @field_validator("revision")
     @classmethod
     def _valid_revision(cls, value: str) -> str:
-        if not value or len(value) > 200 or any(c.isspace() for c in value):
-            raise ValueError(f"revision {value!r} must be a branch, tag or commit without spaces")
+        problem = revision_problem(value)
+        if problem:
+            raise ValueError(
+                f"revision {value!r} is not a branch, tag or commit: {problem}; give a branch or tag name "
+                "(main, v1.0, refs/pr/1) or a 40-character commit hash"
+            )
         return value
 
 
@@ -91,9 +130,14 @@ class TrainingSpec(_Strict):
     lr: float = Field(1e-4, gt=0, le=1.0, description="Peak Adam learning rate (paper: 1e-4).")
     epochs: float = Field(2.0, gt=0, le=100, description="Passes over the paired tokens when steps is not given.")
     dead_after_tokens: int | None = Field(
-        None, ge=1, description="Dead-feature window; default 10M tokens, or 10% of training for short runs."
+        None,
+        ge=1,
+        le=MAX_TOKEN_BUDGET,
+        description="Dead-feature window; default 10M tokens, or 10% of training for short runs.",
     )
-    aux_k: int | None = Field(None, ge=1, description="AuxK dead features per token; default (d_A + d_B) / 4.")
+    aux_k: int | None = Field(
+        None, ge=1, le=1_048_576, description="AuxK dead features per token; default (d_A + d_B) / 4."
+    )
     aux_alpha: float = Field(1 / 32, ge=0, le=10, description="AuxK loss weight (paper: 1/32).")
     exclusive_init_norm: float | None = Field(
         None,
@@ -102,7 +146,9 @@ class TrainingSpec(_Strict):
         description="DFC: initial decoder norm of exclusive features (default: the shared one, 0.4). Twice it "
         "gives an exclusive feature the same total decoder norm, hence the same BatchTopK chance, as a shared one.",
     )
-    checkpoint_every: int = Field(1000, ge=0, description="Steps between checkpoints in storage (0: only at the end).")
+    checkpoint_every: int = Field(
+        1000, ge=0, le=10_000_000, description="Steps between checkpoints in storage (0: only at the end)."
+    )
     num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs for the training actor.")
 
 
@@ -196,26 +242,26 @@ class ExplainSpec(_Strict):
 class RankingWeights(_Strict):
     """Weights of the feature-ranking score's components (shown in the report)."""
 
-    strength: float = Field(1.0, description="Weight of the feature's (normalised) activation strength.")
-    frequency: float = Field(1.0, description="Weight of the log activation frequency.")
-    false_positive_penalty: float = Field(1.0, ge=0, description="Penalty for failing the Latent Scaling checks.")
-    steering: float = Field(1.0, description="Weight of the measured steering effect.")
-    divergence: float = Field(
+    strength: Weight = Field(1.0, description="Weight of the feature's (normalised) activation strength.")
+    frequency: Weight = Field(1.0, description="Weight of the log activation frequency.")
+    false_positive_penalty: Penalty = Field(1.0, description="Penalty for failing the Latent Scaling checks.")
+    steering: Weight = Field(1.0, description="Weight of the measured steering effect.")
+    divergence: Weight = Field(
         2.0,
         description="Weight of the behavioural divergence from the other model (how much the feature moves its "
         "model toward text the other would not write; measured in the steering stage).",
     )
-    nu_eps_max: float = Field(
-        0.2, gt=0, description="Latent Scaling ν_ε threshold where the other model has a decoder (paper: 0.2)."
+    nu_eps_max: Threshold = Field(
+        0.2, description="Latent Scaling ν_ε threshold where the other model has a decoder (paper: 0.2)."
     )
-    nu_r_max: float = Field(
-        0.5, gt=0, description="Latent Scaling ν_r threshold where the other model has a decoder (paper: 0.5)."
+    nu_r_max: Threshold = Field(
+        0.5, description="Latent Scaling ν_r threshold where the other model has a decoder (paper: 0.5)."
     )
-    nu_eps_max_cross: float = Field(
-        1.0, gt=0, description="ν_ε threshold for exclusive features the other model has no decoder for."
+    nu_eps_max_cross: Threshold = Field(
+        1.0, description="ν_ε threshold for exclusive features the other model has no decoder for."
     )
-    nu_r_max_cross: float | None = Field(
-        None, gt=0, description="ν_r threshold for such features; null: ν_r reported but not tested there."
+    nu_r_max_cross: Threshold | None = Field(
+        None, description="ν_r threshold for such features; null: ν_r reported but not tested there."
     )
 
 
@@ -237,6 +283,19 @@ class AuditSpec(_Strict):
     top_features: int = Field(50, ge=1, le=5000, description="Features per model analysed in depth and reported.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation and data order.")
     labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels echoed in the report.")
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus_limits_in_range(cls, corpus: CorpusSpec) -> CorpusSpec:
+        # CorpusSpec (a dataclass of workers.activations) checks its limits are positive; here, that they are
+        # numbers an audit could mean.
+        for part in (corpus, *corpus.parts):
+            for name, limit in (("max_docs", MAX_TOKEN_BUDGET), ("max_chars", MAX_CHARS)):
+                value = getattr(part, name)
+                if value is not None and value > limit:
+                    shown = value if value < 10**15 else f"a {len(str(value))}-digit number"
+                    raise ValueError(f"corpus {name} is {shown}, out of range: at most {limit:,}")
+        return corpus
 
     @model_validator(mode="after")
     def _two_different_models(self) -> AuditSpec:

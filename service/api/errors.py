@@ -1,14 +1,19 @@
 """Errors the routes raise and the handlers that turn every failure into an ``ErrorBody`` with a fitting status.
 
 Storage and Ray failures become 503 (the request was fine; a dependency is down), never 500, and a bad
-key from a client never reaches the store as a 500 either.
+key from a client never reaches the store as a 500 either. A validation error echoes the client's input, which
+may hold numbers JSON cannot carry (NaN, 1e400): they are echoed as strings, so the 422 is always sent.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -35,6 +40,27 @@ def error_response(status_code: int, detail: str, hint: str | None = None, **hea
     """A JSON ``ErrorBody`` response."""
     body = ErrorBody(detail=detail, hint=hint).model_dump(mode="json")
     return JSONResponse(body, status_code=status_code, headers=headers or None)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by its JSON-ish name ("NaN", "Infinity", "-Infinity")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    # FastAPI's own handler, except that the echoed input always encodes (its JSON encoder refuses NaN).
+    assert isinstance(exc, RequestValidationError)
+    errors = json_safe(jsonable_encoder(exc.errors()))
+    for error in errors:
+        if isinstance(error, dict) and error.get("type") == "finite_number":
+            error["msg"] += " (JSON has no NaN or Infinity, and a number beyond ±1.8e308, such as 1e400, reads as one)"
+    return JSONResponse({"detail": errors}, status_code=422)
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
@@ -78,11 +104,16 @@ async def _submit_failed(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal error", "this is a bug; the server log has the details")
+    # Connection: close, because the server drops the connection after an unhandled error: a keep-alive client
+    # told so opens a new one for its next request instead of having it reset.
+    return error_response(
+        500, "internal error", "this is a bug; the server log has the details", Connection="close"
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; Starlette picks the most specific class, so ObjectNotFound wins over StorageError."""
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ObjectNotFound, _not_found)

@@ -3,26 +3,32 @@ and the pipeline on a thread with a progress bar per stage.
 
 The bars are drawn from status.json, the same source of truth the API serves, polled twice a second.
 Ctrl-C asks the pipeline to cancel (it stops within a second or two) instead of killing it mid-write.
+What the terminal shows is the project's own progress and errors: the libraries' progress bars and notes
+(transformers, the Hub) are silenced unless ``--debug``. With ``--json`` stdout carries one document, the
+:class:`RunResult`, and everything else goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TextIO
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from service.cli.common import CLIError, open_audits, show_summary, store_settings_from_env
-from workers.pipeline.status import STAGES, AuditState, AuditStatus, AuditStore
+from workers.pipeline.status import STAGES, AuditError, AuditState, AuditStatus, AuditStore
 from workers.spec import AuditSpec
 from workers.storage import ObjectStore
 
@@ -35,7 +41,7 @@ def _detail(state: AuditState, counters: dict[str, float]) -> str:
     if state is AuditState.EXTRACTING and ("tokens_extracted_a" in counters or "tokens_extracted_b" in counters):
         return f"A {c('tokens_extracted_a', 0):,.0f} · B {c('tokens_extracted_b', 0):,.0f} tokens"
     if state is AuditState.ALIGNING and "token_pairs" in counters:
-        return f"{c('token_pairs', 0):,.0f} token pairs"
+        return f"{c('token_pairs', 0):,.0f} distinct aligned token pairs"
     if state is AuditState.TRAINING and "training_step" in counters:
         text = f"step {c('training_step', 0):,.0f}"
         if "loss" in counters:
@@ -210,31 +216,93 @@ def check_explainer() -> None:
 
 
 # --------------------------------------------------------------------------------------------- running
-def _print_outcome(status: AuditStatus, store: ObjectStore, url: str, started: float) -> int:
-    """Say how the audit ended and where its report is; the exit code follows the state."""
-    print(f"audit {status.id}: {status.state.value} in {elapsed(started)}")
-    if status.state is AuditState.SUCCEEDED:
-        for key in (status.report_html, status.report_json):
-            if key:
-                print(f"  report: {store.url.rstrip('/')}/{key}")
-        show_summary(store, status)
-        return 0
+class RunResult(BaseModel):
+    """What ``dfc-audit run --json`` and ``demo --json`` print: how the audit ended and where its report is."""
+
+    id: str = Field(description="Audit id.")
+    state: AuditState = Field(description="How it ended: succeeded, failed, cancelled, or a stage (--stop-after).")
+    exit_code: int = Field(description="The command's exit status: 0, 1 (failed) or 130 (cancelled).")
+    store: str = Field(description="URL of the store the audit lives in.")
+    report_json: str | None = Field(None, description="URL of report.json, once published.")
+    report_html: str | None = Field(None, description="URL of report.html, once published.")
+    error: AuditError | None = Field(None, description="Why it failed, when it failed.")
+    resume: str | None = Field(None, description="The command that continues an audit stopped by --stop-after.")
+    wall_time_s: float = Field(description="Seconds the command took (the demo's include building its models).")
+    status: AuditStatus = Field(description="The audit's whole status record (as `dfc-audit status ID --json`).")
+
+
+def _exit_code(status: AuditStatus) -> int:
+    return {AuditState.FAILED: 1, AuditState.CANCELLED: 130}.get(status.state, 0)
+
+
+def _store_flag(url: str) -> str:
+    return f"--store {shlex.quote(url)}"
+
+
+class NextCommand(NamedTuple):
+    """A command a run suggests at its end, and what it is for."""
+
+    command: str
+    purpose: str
+
+
+def next_commands(audit_id: str, url: str) -> list[NextCommand]:
+    """The commands that read a finished audit again, exactly as they work from here (``--store`` included)."""
+    where = _store_flag(url)
+    return [
+        NextCommand(f"dfc-audit report {audit_id} {where}", "this summary again"),
+        NextCommand(f"dfc-audit report {audit_id} {where} --html report.html", "the whole report, one page"),
+        NextCommand(f"dfc-audit status {audit_id} {where}", "timings and counters"),
+    ]
+
+
+def _print_outcome(status: AuditStatus, store: ObjectStore, url: str, started: float, json_out: TextIO | None) -> int:
+    """Say how the audit ended and where its report is (to ``json_out`` as a RunResult when given); the exit code
+    follows the state."""
+    code = _exit_code(status)
+    reports = {k: f"{store.url.rstrip('/')}/{key}" if key else None
+               for k, key in (("report_json", status.report_json), ("report_html", status.report_html))}  # fmt: skip
+    stopped = not status.state.finished
+    resume = f"dfc-audit run-audit {status.id} {_store_flag(url)}" if stopped else None
+    print(f"audit {status.id}: {status.state.value} ({elapsed(started)} wall time)")
+    for key in ("report_html", "report_json"):
+        if reports[key]:
+            print(f"  report: {reports[key]}")
     if status.state is AuditState.FAILED and status.error is not None:
         print(f"  failed in {status.error.stage}: {status.error.message}", file=sys.stderr)
-        return 1
-    if status.state is AuditState.CANCELLED:
-        return 130
-    stage = status.stage.value if status.stage else "nothing"
-    print(f"  stopped after {stage}; continue with: dfc-audit run-audit {status.id} --store {url}")
-    return 0
+    if stopped:
+        stage = status.stage.value if status.stage else "nothing"
+        print(f"  stopped after {stage}; continue with: {resume}")
+    if json_out is not None:
+        result = RunResult(id=status.id, state=status.state, exit_code=code, store=store.url, error=status.error,
+                           resume=resume, wall_time_s=round(time.monotonic() - started, 3), status=status, **reports)
+        json_out.write(result.model_dump_json(indent=2) + "\n")  # fmt: skip
+        json_out.flush()
+    elif status.state is AuditState.SUCCEEDED:
+        show_summary(store, status)
+        commands = next_commands(status.id, url)
+        width = max(len(c.command) for c in commands)
+        print("next:")
+        for c in commands:
+            print(f"  {c.command:<{width}}  # {c.purpose}")
+    return code
 
 
-def execute(audit_id: str, url: str, args: argparse.Namespace, *, bars: bool = True) -> int:
-    """Run the stored audit on local Ray (or the cluster this process is in) with progress bars."""
+def execute(
+    audit_id: str,
+    url: str,
+    args: argparse.Namespace,
+    *,
+    bars: bool = True,
+    json_out: TextIO | None = None,
+    started: float | None = None,
+) -> int:
+    """Run the stored audit on local Ray (or the cluster this process is in) with progress bars; ``started`` (a
+    ``time.monotonic()``, default now) is when the command began, for the wall time it reports."""
     from workers.pipeline.run import ensure_ray, run_audit
 
     store, audits = open_audits(url)
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     ensure_ray(getattr(args, "num_cpus", None))  # on the main thread: Ray installs signal handlers
     work_dir = Path(args.work_dir) if getattr(args, "work_dir", None) else None
     status = run_with_progress(
@@ -245,17 +313,54 @@ def execute(audit_id: str, url: str, args: argparse.Namespace, *, bars: bool = T
         ),
         bars=bars,
     )
-    return _print_outcome(status, store, url, started)
+    return _print_outcome(status, store, url, started, json_out)
+
+
+@contextlib.contextmanager
+def quiet_libraries(enabled: bool = True) -> Iterator[None]:
+    """Silence the libraries' own progress bars and notes (transformers' "Writing model shards" bars and its
+    warnings, the Hub's download bars) for the duration; the previous settings come back afterwards."""
+    if not enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_bars = not are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the Hub's bars too
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()  # the Hub's too, so theirs are set again below
+        (enable_progress_bars if hub_bars else disable_progress_bars)()
+
+
+@contextlib.contextmanager
+def _output(args: argparse.Namespace) -> Iterator[TextIO | None]:
+    """Where the final JSON document goes (None without --json); with --json, everything else printed meanwhile,
+    by this code or a library, goes to stderr, so stdout holds the document and nothing else."""
+    if not getattr(args, "json", False):
+        yield None
+        return
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        yield stdout
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``dfc-audit run``: create an audit from the flags and run it here."""
+    started = time.monotonic()
     spec = spec_from_args(args)
-    store, audits = open_audits(args.store)
-    store.check()
-    status = audits.create(spec, audit_id=args.audit_id)
-    print(f"audit {status.id}: {spec.model_b.id} against {spec.model_a.id}, store {store.url}")
-    return execute(status.id, args.store, args)
+    with _output(args) as json_out, quiet_libraries(not args.debug):
+        store, audits = open_audits(args.store)
+        store.check()
+        status = audits.create(spec, audit_id=args.audit_id)
+        print(f"audit {status.id}: {spec.model_b.id} against {spec.model_a.id}, store {store.url}")
+        return execute(status.id, args.store, args, json_out=json_out, started=started)
 
 
 def demo_spec(pair: Any, corpus_path: Path, token_budget: int, *, explain: bool = False) -> AuditSpec:
@@ -300,10 +405,14 @@ def demo_spec(pair: Any, corpus_path: Path, token_budget: int, *, explain: bool 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``dfc-audit demo``: build (or reuse) the planted pair, write its audit corpus, audit B against A."""
-    from workers.planted.pair import PlantedPairConfig, build_planted_pair, planted_corpus_documents
-
     if args.explain:
         check_explainer()
+    with _output(args) as json_out, quiet_libraries(not args.debug):
+        return _demo(args, json_out)
+
+
+def _demo(args: argparse.Namespace, json_out: TextIO | None) -> int:
+    from workers.planted.pair import PlantedPairConfig, build_planted_pair, planted_corpus_documents
 
     # build_planted_pair trains single-threaded itself; the stages set their own threads in their actors.
     started = time.monotonic()
@@ -326,6 +435,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"audit {status.id}: B ({pair.model_b_dir.name}, planted '{pair.planted_continuation.strip()}' after "
         f"'{pair.trigger_word}') against A; store {store.url}"
     )
-    code = execute(status.id, args.store, args)
-    print(f"demo wall time: {elapsed(started)}")
-    return code
+    return execute(status.id, args.store, args, json_out=json_out, started=started)

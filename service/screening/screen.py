@@ -317,20 +317,25 @@ class Screener:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Written in the style of the other dfc-audit commands (service/cli/main.py): lower-case help, defaults shown.
     parser = argparse.ArgumentParser(
         prog="dfc-audit screen",
         description="Watch Hugging Face organisations for new models and submit an audit of each against a "
-        "trusted reference. Store, S3 and API-key settings come from the DFC_* environment (SETTINGS.md).",
+        "trusted reference. Store, S3 and API-key settings come from the DFC_* variables (service/SETTINGS.md). "
+        "Prints each pass's summary as JSON; exits 1 when a pass had errors, 2 on a bad watch list or setting.",
     )
-    parser.add_argument(
-        "--watch-list", required=True, help="YAML or JSON watch list (see service/screening/watchlist.py)."
-    )
-    parser.add_argument("--api-url", default="http://127.0.0.1:8000", help="The dfc-audit API to submit to.")
-    parser.add_argument("--hf-endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or huggingface.co).")
-    parser.add_argument("--store", default=None, help="Override DFC_STORE_URL (where watermarks and summaries go).")
-    parser.add_argument("--once", action="store_true", help="One pass, then exit (what the CronJob runs).")
-    parser.add_argument("--interval", type=float, default=3600.0, help="Seconds between passes without --once.")
-    parser.add_argument("--dry-run", action="store_true", help="Report what would be submitted; write nothing.")
+    parser.add_argument("--watch-list", required=True, metavar="FILE",
+                        help="YAML or JSON watch list (see service/screening/watchlist.py)")
+    parser.add_argument("--api-url", default="http://127.0.0.1:8000", metavar="URL",
+                        help="the dfc-audit API to submit to (default http://127.0.0.1:8000)")
+    parser.add_argument("--hf-endpoint", default=None, metavar="URL",
+                        help="the Hub's URL (default $HF_ENDPOINT or https://huggingface.co)")
+    parser.add_argument("--store", default=None, metavar="URL",
+                        help="where watermarks and summaries go (default $DFC_STORE_URL)")
+    parser.add_argument("--once", action="store_true", help="one pass, then exit (what the CronJob runs)")
+    parser.add_argument("--interval", type=float, default=3600.0, metavar="SECONDS",
+                        help="seconds between passes without --once (default 3600)")
+    parser.add_argument("--dry-run", action="store_true", help="report what would be submitted; write nothing")
     return parser
 
 

@@ -32,9 +32,12 @@ def test_defaults_scale_down_for_tiny_models_and_budgets():
         ({"token_budget": 0}, "greater than or equal to 1000"),
         ({"token_budget": 10**15}, f"less than or equal to {MAX_TOKEN_BUDGET}"),
         ({"surprise": True}, "Extra inputs are not permitted"),
-        ({"steering": {"alphas": [float("nan")]}}, "must be finite"),
+        ({"steering": {"alphas": [float("nan")]}}, "finite number"),
+        ({"steering": {"alphas": [2000.0]}}, "must be finite and"),
+        ({"training": {"lr": float("inf")}}, "training.lr\n.*finite number"),
         ({"crosscoder": {"a_only": 0.45, "b_only": 0.45}}, "at least 10% of the dictionary shared"),
-        ({"model_a": {"id": "a/b", "revision": "has space"}}, "without spaces"),
+        ({"model_a": {"id": "a/b", "revision": "has space"}}, "not a branch, tag or commit: it contains a space"),
+        ({"model_a": {"id": "a/b", "revision": "../../x"}}, "it contains '..'.*40-character commit hash"),
         ({"corpus": {"kind": "web"}}, "'builtin', 'files', 'hf' or 'mix'"),
     ],
 )
@@ -76,3 +79,18 @@ def test_audit_record_lives_in_the_store_and_survives_a_new_reader(object_store)
 def test_overall_progress_is_monotone_through_the_stages():
     points = [overall_progress(stage, f) for stage in STAGES for f in (0.0, 0.5, 1.0)]
     assert points == sorted(points) and points[0] == 0.0 and points[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", "refs/pr/1", "feature/x", "release-2024.01", "a" * 40])
+def test_branch_tag_and_commit_revisions_are_accepted(revision):
+    assert AuditSpec.model_validate({**BASE, "model_b": {"id": "Qwen/Qwen3-8B", "revision": revision}})
+
+
+@pytest.mark.parametrize(
+    "revision",
+    ["", "../../x", "v1/../x", "a..b", "/main", "main/", "a//b", "main\x00", "main\n", "a\u202eb", "x~1", "x^",
+     "x:y", "x?", "x*", "x[0]", "x\\y", ".hidden", "a/.b", "x.lock", "x.", "@", "a@{1}", "x" * 256],
+)
+def test_revisions_that_are_not_branch_tag_or_commit_names_are_refused_before_anything_runs(revision):
+    with pytest.raises(pydantic.ValidationError, match=r"model_b\.revision\n.*is not a branch, tag or commit"):
+        AuditSpec.model_validate({**BASE, "model_b": {"id": "Qwen/Qwen3-8B", "revision": revision}})

@@ -37,11 +37,31 @@ RESTARTS = 3
 _MESSAGE_LIMIT = 1500
 
 
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""Where Ray (2.60) logs its token-authentication notices."""
+
+
+class _AuthEnabledNotice(logging.Filter):
+    """Drops the warning Ray logs on every ``ray.init`` that starts a local instance, that token authentication is
+    on (its default: nothing for the user to do); any other notice of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def quiet_ray_auth_notice() -> None:
+    """Keep Ray's "Token authentication is enabled" warning off the terminal (idempotent)."""
+    logger = logging.getLogger(RAY_AUTH_LOGGER)
+    if not any(isinstance(f, _AuthEnabledNotice) for f in logger.filters):
+        logger.addFilter(_AuthEnabledNotice())
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster this process runs in (a Ray job, or ``RAY_ADDRESS``), or start a small local instance."""
     global _local_instance
     if ray.is_initialized():
         return
+    quiet_ray_auth_notice()
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return

@@ -55,6 +55,19 @@ def _tokens(effects: dict[str, Any] | None, which: str) -> list[TokenValue]:
     return [TokenValue(token=t, value=v) for t, v in zip(names, effects[f"{which}_values"], strict=True)]
 
 
+def _continuations(prompts: list[str], unsteered: list[str], steered: list[str],
+                   unsteered_tokens: list[list[str]] | None, steered_tokens: list[list[str]] | None,
+                   ) -> list[Continuation]:  # fmt: skip
+    """Side-by-side generations; the per-token lists are optional (steer data written before they were recorded)."""
+    none: list[None] = [None] * len(prompts)
+    return [
+        Continuation(prompt=prompt, unsteered=before, steered=after, unsteered_tokens=before_tokens,
+                     steered_tokens=after_tokens)
+        for prompt, before, after, before_tokens, after_tokens in zip(
+            prompts, unsteered, steered, unsteered_tokens or none, steered_tokens or none, strict=True)
+    ]  # fmt: skip
+
+
 def _steering_results(steered: dict[str, Any] | None) -> list[SteeringResult]:
     """The additive sweep (α · s_max · d at every position), one result per α, as the schema describes it."""
     if steered is None:
@@ -66,11 +79,8 @@ def _steering_results(steered: dict[str, Any] | None) -> list[SteeringResult]:
             kl_feature_prompts=max(0.0, p["kl_feature"]),
             kl_neutral_prompts=max(0.0, p["kl_neutral"]),
             delta_logprob_promoted=p["promoted_logprob_change"] or 0.0,
-            continuations=[
-                Continuation(prompt=prompt, unsteered=before, steered=after)
-                for prompt, before, after in zip(sweep["probe_prompts"], sweep["unsteered"], p["continuations"],
-                                                  strict=True)
-            ],
+            continuations=_continuations(sweep["probe_prompts"], sweep["unsteered"], p["continuations"],
+                                         sweep.get("unsteered_tokens"), p.get("continuation_tokens")),
         )
         for p in sweep["points"]
     ]  # fmt: skip
@@ -178,8 +188,8 @@ def steering_transfer(data: dict[str, Any] | None) -> SteeringTransfer | None:
         components=[TransferComponent(feature=f, weight=_clamp(w, -1.0, 1.0))
                     for f, w in zip(data["features"], data["weights"], strict=True)],
         source_coefficient=data["source_coefficient"], target_coefficient=data["target_coefficient"],
-        continuations=[Continuation(prompt=p, unsteered=u, steered=s)
-                       for p, u, s in zip(data["probe_prompts"], data["unsteered"], data["steered"], strict=True)],
+        continuations=_continuations(data["probe_prompts"], data["unsteered"], data["steered"],
+                                     data.get("unsteered_tokens"), data.get("steered_tokens")),
         notes=" ".join(notes),
     )  # fmt: skip
 

@@ -11,6 +11,7 @@ from collections.abc import Collection
 
 from workers.report.schema import (
     Context,
+    Continuation,
     Divergence,
     FalsePositiveChecks,
     FeatureReport,
@@ -35,6 +36,28 @@ def esc_visible(text: str) -> str:
 def token_text(token: str) -> str:
     """A token with its whitespace made visible (a leading space matters to a tokenizer)."""
     return esc(token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")) or "∅"
+
+
+def generation_html(text: str, tokens: list[str] | None = None) -> str:
+    """A generated continuation for its box; where there is nothing to read, what happened instead.
+
+    ``text`` is decoded without special tokens, so an empty one means the model ended the text at once (or wrote
+    only special tokens); ``tokens`` (each generated token alone, special ones kept) says which, when recorded.
+    """
+    if text.strip():
+        return f"<p>{esc_visible(text)}</p>"
+    raw = " ".join(f"<code>{token_text(t)}</code>" for t in tokens or [])
+    if text:
+        note = f"only whitespace: <code>{token_text(text)}</code>" + (f" (tokens {raw})" if raw else "")
+    elif tokens is None:
+        note = "no text: the model ended the text at once (end-of-text or only special tokens)"
+    elif not tokens:
+        note = "no text: no token was generated"
+    elif len(tokens) == 1:
+        note = f"no text: the model ended the text at once ({raw})"
+    else:
+        note = f"no text: the model wrote only special tokens ({raw})"
+    return f'<p class="gen-note">{note}</p>'
 
 
 def feature_anchor(feature: FeatureReport) -> str:
@@ -139,16 +162,18 @@ def _steering_html(steering: list[SteeringResult]) -> tuple[str, str]:
         "</table></div>"
     )
     # Group generations by prompt so the unsteered text sits beside every steered version of it.
-    by_prompt: dict[str, list[tuple[float, str, str]]] = {}
+    by_prompt: dict[str, list[tuple[float, Continuation]]] = {}
     for s in ordered:
         for c in s.continuations:
-            by_prompt.setdefault(c.prompt, []).append((s.alpha, c.unsteered, c.steered))
+            by_prompt.setdefault(c.prompt, []).append((s.alpha, c))
     examples = []
     for prompt, runs in by_prompt.items():
-        columns = [f"<div><h5>unsteered</h5><p>{esc_visible(runs[0][1])}</p></div>"]
-        for alpha, _, steered in runs:
+        first = runs[0][1]
+        columns = [f"<div><h5>unsteered</h5>{generation_html(first.unsteered, first.unsteered_tokens)}</div>"]
+        for alpha, c in runs:
             verb = "suppressed" if alpha < 0 else "amplified"
-            columns.append(f'<div class="{verb}"><h5>{verb} (α = {alpha:+g})</h5><p>{esc_visible(steered)}</p></div>')
+            columns.append(f'<div class="{verb}"><h5>{verb} (α = {alpha:+g})</h5>'
+                           f"{generation_html(c.steered, c.steered_tokens)}</div>")  # fmt: skip
         examples.append(
             f'<div class="cont"><p class="prompt"><b>Prompt</b> {esc_visible(prompt)}</p>'
             f'<div class="side">{"".join(columns)}</div></div>'

@@ -10,7 +10,16 @@ from __future__ import annotations
 import json
 
 from workers.report import plots
-from workers.report.cards import badge, esc, feature_card, feature_row, fmt_freq, shared_link, token_text
+from workers.report.cards import (
+    badge,
+    esc,
+    feature_card,
+    feature_row,
+    fmt_freq,
+    generation_html,
+    shared_link,
+    token_text,
+)
 from workers.report.schema import INTERPRETABLE, AuditReport, ModelInfo, Owner
 
 DEFAULT_TOP_N = 50
@@ -71,6 +80,7 @@ table.num th{color:var(--muted);font-weight:600}
 .side{display:grid;grid-template-columns:repeat(auto-fit,minmax(220px,1fr));gap:10px}
 .side>div{border:1px solid var(--line);border-radius:6px;padding:6px 10px;font-size:13px;white-space:pre-wrap}
 .side p{margin:0}.side .suppressed{background:#f0f9ff}.side .amplified{background:#fff7ed}
+.side .gen-note{color:var(--muted);font-style:italic;white-space:normal}
 details.score{margin-top:10px;font-size:13px}
 figure{margin:0 0 18px;background:#fff;border:1px solid var(--line);border-radius:8px;padding:10px}
 figure img{max-width:100%;height:auto}figcaption{color:var(--muted);font-size:13px}
@@ -146,7 +156,8 @@ def _summary(report: AuditReport) -> str:
         tiles.append(_tile(f'<span class="{owner.lower()}">{passed}</span> / {len(features)}',
                            f"{owner}-exclusive features passing the checks"))
     tiles.append(_tile(f"{report.alignment.kept_token_fraction:.1%}", "tokens aligned across tokenizers"))
-    tiles.append(_tile(_count(t.tokens), f"token pairs, {c.steps:,} steps"))
+    tiles.append(_tile(_count(report.alignment.pairs), "distinct aligned token pairs"))
+    tiles.append(_tile(_count(t.tokens), f"token pairs seen in training ({c.steps:,} steps)"))
     warnings = "".join(f"<li>{esc(w)}</li>" for w in report.warnings)
     return (f'<section id="summary"><h2>Summary</h2><div class="tiles">{"".join(tiles)}</div>'
             + (f'<ul class="warn">{warnings}</ul>' if warnings else "") + "</section>")
@@ -222,9 +233,9 @@ def _transfer(report: AuditReport) -> str:
     components = ", ".join(f"{shared_link(c.feature, _listed(report))} ({c.weight:.2f})" for c in t.components)
     examples = "".join(
         f'<div class="cont"><p class="prompt"><b>Prompt</b> {esc(c.prompt)}</p><div class="side">'
-        f"<div><h5>{t.target} unsteered</h5><p>{esc(c.unsteered)}</p></div>"
-        f'<div class="amplified"><h5>{t.target} steered with the transferred vector</h5><p>{esc(c.steered)}</p>'
-        "</div></div></div>"
+        f"<div><h5>{t.target} unsteered</h5>{generation_html(c.unsteered, c.unsteered_tokens)}</div>"
+        f'<div class="amplified"><h5>{t.target} steered with the transferred vector</h5>'
+        f"{generation_html(c.steered, c.steered_tokens)}</div></div></div>"
         for c in t.continuations
     )
     return (
@@ -253,8 +264,9 @@ def _details(report: AuditReport) -> str:
         f'<section id="details"><h2>Audit details</h2><p>Audit <code>{esc(report.audit_id)}</code>, submitted '
         f"{esc(report.created_at.isoformat())}, finished {esc(report.finished_at.isoformat())}. Corpus: "
         f"{esc(c.description)} ({c.documents:,} documents, {c.tokens:,} tokens, hash <code>{esc(c.hash)}</code>). "
-        f"Alignment: {a.aligned_sequence_fraction:.1%} of sequences aligned to the end, {a.pairs:,} token pairs. "
-        f"Training: {report.training.wall_time_s / 3600:.1f} h.{_explained(report)} Report schema "
+        f"Alignment: {a.aligned_sequence_fraction:.1%} of sequences aligned to the end, {a.pairs:,} distinct token "
+        f"pairs. Training: {report.training.tokens:,} token pairs seen in {report.training.wall_time_s / 3600:.1f} h."
+        f"{_explained(report)} Report schema "
         f"{esc(report.schema_version)}.</p>"
         f"<details><summary>Crosscoder configuration</summary><pre>{esc(json.dumps(config, indent=2))}</pre></details>"
         f"<details><summary>Audit spec as submitted</summary><pre>{esc(json.dumps(report.spec, indent=2))}</pre>"

@@ -13,9 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 """1.1: ``nu_r_threshold`` may be null (ν_r not tested for a feature the other model has no decoder for).
-1.2: ``FeatureReport.divergence``. 1.3: ``Explanation.detection_contexts``."""
+1.2: ``FeatureReport.divergence``. 1.3: ``Explanation.detection_contexts``. 1.4: ``Continuation.unsteered_tokens``
+and ``steered_tokens`` (optional: the generated tokens, special ones included)."""
 
 INTERPRETABLE = 0.8
 """Detection score from which an explanation counts as interpretable (SCIENCE.md §6)."""
@@ -169,8 +170,16 @@ class Continuation(_Model):
     """One prompt completed with and without steering."""
 
     prompt: str = Field(description="The prompt given to the owner model.")
-    unsteered: str = Field(description="Greedy continuation without intervention.")
-    steered: str = Field(description="Greedy continuation with the feature's direction added.")
+    unsteered: str = Field(description="Greedy continuation without intervention (special tokens out).")
+    steered: str = Field(description="Greedy continuation with the feature's direction added (special tokens out).")
+    unsteered_tokens: list[str] | None = Field(
+        default=None,
+        description="Every token generated without intervention, each decoded on its own with special tokens kept "
+        "(e.g. '<|endoftext|>'), so an empty or blank continuation can say why; null: not recorded.",
+    )
+    steered_tokens: list[str] | None = Field(
+        default=None, description="The same for the steered continuation; null: not recorded."
+    )
 
 
 class SteeringResult(_Model):
@@ -317,7 +326,7 @@ class SteeringTransfer(_Model):
 class AuditReport(_Model):
     """The audit of model B (new) against model A (reference): the features exclusive to each, with evidence."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = Field(
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4"] = Field(
         default=SCHEMA_VERSION, description="Version of this schema."
     )
     audit_id: str = Field(min_length=1, description="Identifier of the audit.")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import socket
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -24,6 +28,14 @@ BAD_SPECS: list[tuple[str, Any, tuple[Any, ...] | None]] = [
     ("model missing", {"model_a": {"id": "org/a"}}, ("model_b",)),
     ("identical models", spec_body(model_b={"id": "meta-llama/Llama-3.1-8B-Instruct"}), ("body",)),
     ("revision with spaces", spec_body(model_b={"id": "org/b", "revision": "a b"}), ("model_b", "revision")),
+    ("revision climbing out", spec_body(model_b={"id": "org/b", "revision": "../../x"}), ("model_b", "revision")),
+    ("revision with a .. segment", spec_body(model_a={"id": "org/a", "revision": "v1/../../x"}),
+     ("model_a", "revision")),
+    ("revision from the root", spec_body(model_b={"id": "org/b", "revision": "/etc"}), ("model_b", "revision")),
+    ("revision with a control character", spec_body(model_b={"id": "org/b", "revision": "main\x00"}),
+     ("model_b", "revision")),
+    ("revision with a git operator", spec_body(model_b={"id": "org/b", "revision": "main~1"}),
+     ("model_b", "revision")),
     ("unknown top-level field", spec_body(priority="high"), ("priority",)),
     ("unknown nested field", spec_body(model_a={"id": "org/a", "gpus": 8}), ("model_a", "gpus")),
     ("unknown corpus field", spec_body(corpus={"kind": "builtin", "url": "x"}), ("corpus", "url")),
@@ -32,6 +44,11 @@ BAD_SPECS: list[tuple[str, Any, tuple[Any, ...] | None]] = [
     ("token_budget 10^400", spec_body(token_budget=10**400), ("token_budget",)),
     ("token_budget a string", spec_body(token_budget="lots"), ("token_budget",)),
     ("token_budget fractional", spec_body(token_budget=1000.5), ("token_budget",)),
+    ("dead-feature window 10^400", spec_body(training={"dead_after_tokens": 10**400}),
+     ("training", "dead_after_tokens")),
+    ("corpus max_docs 10^400", spec_body(corpus={"kind": "builtin", "max_docs": 10**400}), ("corpus",)),
+    ("ranking weight 1e300", spec_body(ranking={"divergence": 1e300}), ("ranking", "divergence")),
+    ("learning rate 10^400", spec_body(training={"lr": 10**400}), ("training", "lr")),
     ("negative seed", spec_body(seed=-1), ("seed",)),
     ("top_features 0", spec_body(top_features=0), ("top_features",)),
     ("max_length too long", spec_body(max_length=10**6), ("max_length",)),
@@ -97,6 +114,110 @@ def test_malformed_bodies_are_4xx_not_5xx(
     r = client.post("/audits", content=raw, headers=headers)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert submitter.submitted == []
+
+
+def _raw_spec(fragment: str) -> bytes:
+    """A spec body with ``fragment`` (JSON members, as text) after the two models: for numbers ``json`` never writes."""
+    return ('{"model_a": {"id": "org/a"}, "model_b": {"id": "org/b"}, ' + fragment + "}").encode()
+
+
+# (case, the body's extra members as JSON text, the field the 422 must name)
+NON_FINITE: list[tuple[str, str, tuple[Any, ...]]] = [
+    ("NaN learning rate", '"training": {"lr": NaN}', ("training", "lr")),
+    ("Infinity learning rate", '"training": {"lr": Infinity}', ("training", "lr")),
+    ("1e400 learning rate", '"training": {"lr": 1e400}', ("training", "lr")),
+    ("-Infinity steering alpha", '"steering": {"alphas": [2.0, -Infinity]}', ("steering", "alphas", 1)),
+    ("NaN ranking weight", '"ranking": {"strength": NaN}', ("ranking", "strength")),
+    ("1e400 ranking threshold", '"ranking": {"nu_eps_max": 1e400}', ("ranking", "nu_eps_max")),
+    ("NaN GPUs", '"training": {"num_gpus": NaN}', ("training", "num_gpus")),
+    ("Infinity model GPUs", '"model_a": {"id": "org/a", "resources": {"num_gpus": Infinity}}',
+     ("model_a", "resources", "num_gpus")),
+    ("NaN in a transfer vector", '"steering": {"transfer": {"name": "x", "vector": [1.0, NaN]}}',
+     ("steering", "transfer", "vector", 1)),
+    ("NaN corpus mix weight",
+     '"corpus": {"kind": "mix", "parts": [{"kind": "builtin"}, {"kind": "builtin"}], "weights": [0.5, NaN]}',
+     ("corpus", "weights", 1)),
+    ("NaN where text belongs", '"labels": {"team": NaN}', ("labels", "team")),
+    ("Infinity budget", '"token_budget": Infinity', ("token_budget",)),
+]
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise AssertionError(f"the reply holds {constant}, which is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(("case", "fragment", "field"), NON_FINITE, ids=[c[0] for c in NON_FINITE])
+def test_non_finite_and_out_of_range_numbers_are_422_naming_the_field(
+    client: TestClient, submitter: FakeSubmitter, case: str, fragment: str, field: tuple[Any, ...]
+) -> None:
+    r = client.post("/audits", content=_raw_spec(fragment), headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    detail = _strict_json(r.text)["detail"]
+    assert _names_field(detail, field), detail
+    assert submitter.submitted == []
+
+
+def test_revisions_the_hub_accepts_are_accepted(client: TestClient, submitter: FakeSubmitter) -> None:
+    for revision in ("main", "v1.0", "refs/pr/12", "feature/new-head", "0123456789abcdef0123456789abcdef01234567"):
+        r = client.post("/audits", json=spec_body(model_b={"id": "Qwen/Qwen3-8B", "revision": revision}))
+        assert r.status_code == 202, (revision, r.text)
+    assert len(submitter.submitted) == 5
+
+
+@contextmanager
+def served(app: Any) -> Iterator[int]:
+    """``app`` behind a real uvicorn server on a free loopback port, for what only a real connection shows."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started and thread.is_alive():
+            thread.join(0.02)
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _exchange(sock: socket.socket, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request on an open connection, and its reply (status, headers, body)."""
+    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    sock.sendall(head.encode() + body)
+    reply = http.client.HTTPResponse(sock, method=method)
+    reply.begin()
+    return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
+
+
+def test_a_non_finite_number_leaves_the_keep_alive_connection_usable(store_dir) -> None:
+    submitter = FakeSubmitter()
+    with served(create_app(make_settings(store_dir), submitter)) as port, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # fmt: skip
+        status, headers, body = _exchange(sock, "POST", "/audits", _raw_spec('"training": {"lr": NaN}'))
+        assert status == 422 and _names_field(_strict_json(body.decode())["detail"], ("training", "lr"))
+        assert headers.get("connection") != "close"
+        # The same connection answers the next request.
+        status, _, body = _exchange(sock, "POST", "/audits", json.dumps(spec_body()).encode())
+        assert status == 202, body
+    assert len(submitter.submitted) == 1
+
+
+def test_an_unexpected_error_tells_a_keep_alive_client_to_reconnect(store_dir, submitter: FakeSubmitter) -> None:
+    app = create_app(make_settings(store_dir), submitter)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret detail 42")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/boom")
+    assert r.status_code == 500 and r.headers["connection"] == "close"
+    assert "bug" in r.json()["hint"] and "secret detail" not in r.text  # the details stay in the server's log
 
 
 @pytest.mark.parametrize("key", ["has space", "x" * 256, ""])

@@ -7,6 +7,8 @@ corpus, and the first three stages (extract → align → train), on the real S3
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 import threading
@@ -364,3 +366,37 @@ def test_run_with_explain_asks_for_explanations_in_the_spec(monkeypatch):
     assert spec_from_args(args).explain.enabled
     args = build_parser().parse_args(["run", "--model-a", "org/a", "--model-b", "org/b"])
     assert not spec_from_args(args).explain.enabled
+
+
+@pytest.mark.slow
+def test_starting_local_ray_keeps_its_token_authentication_notice_off_the_terminal(tmp_path):
+    """Ray 2.60 warns on every new local instance that token authentication is on (its default, nothing to do)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    code = "import ray; from workers.pipeline.actors import ensure_ray; ensure_ray(1); print(ray.is_initialized())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[3], env=env,
+                          capture_output=True, text=True, timeout=180, check=False)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+    assert "Token authentication" not in done.stderr and "WARNING" not in done.stderr, done.stderr
+
+
+def test_only_rays_token_authentication_is_on_notice_is_dropped():
+    from ray._private.authentication import authentication_token_setup as notices
+
+    logger = logging.getLogger(actors.RAY_AUTH_LOGGER)
+    seen: list[str] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Seen(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        actors.quiet_ray_auth_notice()
+        actors.quiet_ray_auth_notice()  # idempotent: one filter
+        notices._warn_token_auth_enabled()
+        notices._warn_token_auth_disabled()  # this one matters (anyone on the network can run code): it stays
+    finally:
+        logger.removeHandler(handler)
+    assert [m.split(".")[0] for m in seen] == ["Token authentication is disabled for this Ray cluster"]
+    assert sum(isinstance(f, actors._AuthEnabledNotice) for f in logger.filters) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import io
 import json
 import re
 import shutil
@@ -15,8 +17,8 @@ from rich.console import Console
 
 from workers.report.fixtures import example_report
 from workers.report.html import render_html
-from workers.report.schema import SCHEMA_VERSION, AuditReport, Context, FeatureReport
-from workers.report.terminal import print_summary
+from workers.report.schema import SCHEMA_VERSION, AuditReport, Context, Continuation, FeatureReport
+from workers.report.terminal import feature_table, print_summary
 
 EVIL = "<script>alert(1)</script>"
 EVIL_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
@@ -70,7 +72,7 @@ def test_report_round_trips_exactly_through_json(report: AuditReport) -> None:
     again = AuditReport.model_validate_json(text)
     assert again == report
     assert again.model_dump_json() == text
-    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.3"
+    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.4"
 
 
 def test_every_schema_field_has_a_description() -> None:
@@ -246,11 +248,58 @@ def test_page_runs_in_chromium_without_errors_and_shows_b_top_feature_first(
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
 
 
+def _generation_boxes(page: str) -> list[str]:
+    """The text a reader sees in each box of generated text (unsteered, suppressed, amplified, transferred)."""
+    boxes = re.findall(r'<div(?: class="(?:suppressed|amplified)")?><h5>[^<]*</h5>(<p.*?</p>)</div>', page)
+    return [html.unescape(re.sub(r"<[^>]+>", "", box)) for box in boxes]
+
+
+def test_no_generation_box_is_ever_empty_and_each_says_what_happened(report: AuditReport) -> None:
+    data = report.model_dump(mode="json")
+    first, second = ({s["alpha"]: s for s in f["steering"]} for f in data["features_b"][:2])
+    # Without per-token lists (what the steer stage records today): the text alone says what it can.
+    first[-2.0]["continuations"][0]["unsteered"] = "\n\n"
+    first[2.0]["continuations"][0]["steered"] = ""
+    # With them: the tokens themselves.
+    first[4.0]["continuations"] = [dict(first[2.0]["continuations"][0], steered="", steered_tokens=["<|endoftext|>"])]
+    second[-2.0]["continuations"][0].update(unsteered="\n\n", unsteered_tokens=["\n", "\n"])
+    data["steering_transfer"]["continuations"][0].update(steered=" ", steered_tokens=[" ", "<|im_end|>"])
+    page = render_html(AuditReport.model_validate(data))
+
+    boxes = _generation_boxes(page)
+    assert len(boxes) >= 2 * len(report.features_b[:5]) and all(box.strip() for box in boxes), boxes
+    assert "no text: the model ended the text at once (end-of-text or only special tokens)" in boxes
+    assert "no text: the model ended the text at once (<|endoftext|>)" in boxes
+    assert "only whitespace: ↵↵" in boxes and "only whitespace: ↵↵ (tokens ↵ ↵)" in boxes
+    assert "only whitespace: ␣ (tokens ␣ <|im_end|>)" in boxes
+
+
+def test_generated_tokens_are_optional_and_round_trip() -> None:
+    old = {"prompt": "p", "unsteered": "", "steered": "x"}
+    assert Continuation.model_validate(old).unsteered_tokens is None  # a 1.3 report still reads
+    new = Continuation(prompt="p", unsteered="", steered="x", unsteered_tokens=["</s>"], steered_tokens=["x"])
+    assert Continuation.model_validate_json(new.model_dump_json()) == new
+
+
+def test_the_steer_stages_generated_tokens_reach_the_report_and_older_steer_data_still_builds() -> None:
+    from workers.report.build import _steering_results
+
+    point = {"alpha": 4.0, "kl_feature": 0.1, "kl_neutral": 0.0, "promoted_logprob_change": None,
+             "continuations": [""]}  # fmt: skip
+    sweep = {"probe_prompts": ["Hi"], "unsteered": [" there"], "points": [point]}
+    old = _steering_results({"sweeps": {"additive": sweep}})[0].continuations[0]
+    assert (old.steered, old.steered_tokens, old.unsteered_tokens) == ("", None, None)
+
+    sweep |= {"unsteered_tokens": [[" there", "</s>"]], "points": [point | {"continuation_tokens": [["</s>"]]}]}
+    new = _steering_results({"sweeps": {"additive": sweep}})[0].continuations[0]
+    assert (new.unsteered_tokens, new.steered_tokens) == ([" there", "</s>"], ["</s>"])
+
+
 # --- the terminal summary ------------------------------------------------------------------------------------
 
 
 def test_terminal_summary_lists_top_features_of_both_models(report: AuditReport) -> None:
-    console = Console(record=True, width=200, color_system=None)
+    console = Console(record=True, width=200, color_system=None, force_terminal=True)
     print_summary(report, console=console, top=5)
     text = console.export_text()
     for owner in ("A", "B"):
@@ -267,7 +316,7 @@ def test_terminal_summary_lists_top_features_of_both_models(report: AuditReport)
 
 
 def test_terminal_summary_shows_explanations_only_when_the_audit_wrote_them(report: AuditReport) -> None:
-    console = Console(record=True, width=400, color_system=None)
+    console = Console(record=True, width=400, color_system=None, force_terminal=True)
     print_summary(report, console=console, top=3)
     text = console.export_text()
     top = report.features_b[0].explanation
@@ -276,15 +325,80 @@ def test_terminal_summary_shows_explanations_only_when_the_audit_wrote_them(repo
     data = report.model_dump(mode="json")
     for f in data["features_a"] + data["features_b"]:
         f["explanation"] = None
-    console = Console(record=True, width=400, color_system=None)
+    console = Console(record=True, width=400, color_system=None, force_terminal=True)
     print_summary(AuditReport.model_validate(data), console=console, top=3)
     assert "explanation" not in console.export_text()
+
+
+def _table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if re.match(r"│\s+\d+ │", line)]
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 120, 200])
+def test_terminal_summary_keeps_each_feature_on_one_line_at_any_width(report: AuditReport, width: int) -> None:
+    console = Console(record=True, width=width, color_system=None, force_terminal=True)
+    print_summary(report, console=console, top=5)
+    text = console.export_text()
+    rows = _table_rows(text)
+    assert len(rows) == 10, text  # five per model, none wrapped onto a second line
+    assert all(len(line) <= width for line in text.splitlines() if line.startswith(("│", "┃", "┏", "└")))
+    for row, feature in zip(rows, report.features_b[:5] + report.features_a[:5], strict=True):
+        assert re.match(rf"│\s+{feature.rank} │\s+{feature.index} │", row), row
+        assert feature.top_contexts[0].token.strip() in row, row  # the context is cut around its marked token
+
+
+def test_a_narrow_terminal_leaves_out_the_columns_that_matter_least(report: AuditReport) -> None:
+    data = report.model_dump(mode="json")
+    for f in data["features_b"]:
+        f["explanation"] = None
+    unexplained = AuditReport.model_validate(data)
+
+    def table(report: AuditReport, width: int) -> tuple[list[str], str]:
+        console = Console(record=True, width=width, color_system=None, force_terminal=True)
+        console.print(feature_table(report, "B", top=5, width=width))
+        text = console.export_text()
+        header = next(line for line in text.splitlines() if line.startswith("┃"))
+        return [h.strip() for h in header.strip("┃").split("┃")], text
+
+    everything = ["rank", "feature", "score", "freq", "div", "ν_ε", "checks", "top context", "says"]
+    assert table(unexplained, 200)[0] == everything
+    assert table(unexplained, 80)[0] == ["rank", "feature", "div", "checks", "top context", "says"]
+    assert table(unexplained, 60)[0] == ["rank", "feature", "checks", "top context", "says"]
+    assert table(report, 200)[0] == [*everything, "explanation (detection)"]
+    headers, text = table(report, 80)  # no room for a readable explanation: left out, and the table says so
+    assert "explanation" not in headers and "explanations need a wider terminal" in text
+
+
+def test_summary_is_plain_text_when_stdout_is_not_a_terminal(report: AuditReport) -> None:
+    out = io.StringIO()
+    print_summary(report, console=Console(file=out, width=80), top=5)  # a pipe or a file, 80 columns or not
+    text = out.getvalue()
+    assert not set("│┃━┏└") & set(text) and "\x1b[" not in text
+    lines = text.splitlines()
+    for owner in ("B", "A"):
+        title = lines.index(f"Exclusive to {owner}: {report.model(owner).id} (top 5 of 30)")
+        assert lines[title + 1].split()[:3] == ["rank", "feature", "score"]
+        for line, feature in zip(lines[title + 2 : title + 7], report.features(owner)[:5], strict=True):
+            assert line.split()[:2] == [str(feature.rank), str(feature.index)]  # one line per feature
+            assert f"«{feature.top_contexts[0].token}»" in line.replace("\n", "↵")
+    assert max(map(len, lines)) > 80  # nothing wrapped to the console's width
+
+
+def test_the_summary_names_distinct_aligned_pairs_and_pairs_seen_in_training_apart(report: AuditReport) -> None:
+    console = Console(record=True, width=200, color_system=None, force_terminal=True)
+    print_summary(report, console=console, top=1)
+    text = console.export_text()
+    assert report.alignment.pairs != report.training.tokens
+    assert f"{report.alignment.pairs:,} distinct aligned token pairs" in text
+    assert f"{report.training.tokens:,} seen in training" in text
+    page = render_html(report)
+    assert "distinct aligned token pairs" in page and "token pairs seen in training" in page
 
 
 def test_terminal_summary_prints_model_output_literally(report: AuditReport) -> None:
     data = report.model_dump(mode="json")
     data["features_a"][0]["top_contexts"][0]["token"] = "[bold red]x[/bold red]"
-    console = Console(record=True, width=200, color_system=None)
+    console = Console(record=True, width=200, color_system=None, force_terminal=True)
     print_summary(AuditReport.model_validate(data), console=console, top=1)
     assert "[bold red]x[/bold red]" in console.export_text()
 
