@@ -265,6 +265,49 @@ class RankingWeights(_Strict):
     )
 
 
+CHECK_STATISTICS = ("divergence", "removal_kl", "specificity", "score")
+"""What the null-calibrated checks read of a finding: ``dfc.analysis.null.STATISTICS`` (named again here, because
+the API reads specs without importing the science)."""
+
+
+class NullCalibrationSpec(_Strict):
+    """Thresholds of the false-positive checks, each a percentile of null-pair features' statistic
+    (``benchmarks/calibrate.py`` writes one; SCIENCE.md §11)."""
+
+    thresholds: dict[str, float] = Field(description="Statistic → threshold a finding must be above.")
+    percentiles: dict[str, float] = Field(description="Statistic → the null percentile (0–100) its threshold is.")
+    null_pairs: int = Field(ge=1, le=1_000_000, description="Null pairs audited for the calibration.")
+    null_features: int = Field(ge=1, le=10**9, description="Null features the percentiles were taken over.")
+    passing_per_pair: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="Per null pair, its features that pass every check (chance findings)."
+    )
+    source: str = Field("", max_length=2000, description="Where the calibration came from, for the report.")
+
+    @model_validator(mode="after")
+    def _known_statistics(self) -> NullCalibrationSpec:
+        unknown = sorted((set(self.thresholds) | set(self.percentiles)) - set(CHECK_STATISTICS))
+        if unknown:
+            raise ValueError(f"unknown check statistics {unknown}; choose from {list(CHECK_STATISTICS)}")
+        if set(self.thresholds) != set(self.percentiles):
+            raise ValueError("thresholds and percentiles must name the same checks")
+        if not self.thresholds:
+            raise ValueError("a calibration needs at least one check")
+        bad = [k for k, v in self.percentiles.items() if not 0 <= v <= 100]
+        if bad:
+            raise ValueError(f"percentiles of {bad} must be between 0 and 100")
+        return self
+
+
+class ChecksSpec(_Strict):
+    """The false-positive checks a finding must pass to be marked ✓ (Latent Scaling, and the null-calibrated ones)."""
+
+    calibration: NullCalibrationSpec | None = Field(
+        None,
+        description="Null calibration of the checks; null: the one shipped with the package (tiny planted null "
+        "pairs). For models of another scale, audit a null pair of your own and pass its calibration here.",
+    )
+
+
 class AuditSpec(_Strict):
     """Everything that defines an audit of model B against the trusted model A."""
 
@@ -279,6 +322,7 @@ class AuditSpec(_Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="The training recipe.")
     steering: SteeringSpec = Field(default_factory=SteeringSpec, description="The steering stage.")
     ranking: RankingWeights = Field(default_factory=RankingWeights, description="Feature-ranking weights.")
+    checks: ChecksSpec = Field(default_factory=ChecksSpec, description="False-positive checks and their calibration.")
     explain: ExplainSpec = Field(default_factory=ExplainSpec, description="Optional LLM explanations (off).")
     top_features: int = Field(50, ge=1, le=5000, description="Features per model analysed in depth and reported.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation and data order.")

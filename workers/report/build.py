@@ -7,12 +7,15 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from dfc.analysis.null import NullCalibration, describe, judge
 from dfc.analysis.ranking import RankingWeights
 from dfc.behaviour.divergence import RemovalScreen
 from workers.pipeline.status import AuditStatus, now
+from workers.report.checks import calibration_for, finding_statistics
 from workers.report.schema import (
     AlignmentSummary,
     AuditReport,
+    ChecksCalibration,
     Context,
     Continuation,
     CorpusInfo,
@@ -25,6 +28,7 @@ from workers.report.schema import (
     FeatureStats,
     Histogram,
     ModelInfo,
+    NullCheck,
     SharedFeature,
     SharedSummary,
     SteeringResult,
@@ -96,7 +100,8 @@ def _divergence(screen: dict[str, Any] | None) -> Divergence | None:
 
 
 def _checks(entry: dict[str, Any], record: dict[str, Any], steered: dict[str, Any] | None,
-            weights: RankingWeights) -> FalsePositiveChecks:  # fmt: skip
+            weights: RankingWeights, null: list[NullCheck] | None) -> FalsePositiveChecks:  # fmt: skip
+    """Latent Scaling and, when steering ran, the null-calibrated checks; ``passed`` needs both."""
     flags = []
     nu_eps, nu_r = entry["nu_eps"], entry["nu_r"]
     # The thresholds the ranking held this feature to (same-space or cross-space), else the same-space ones.
@@ -118,17 +123,33 @@ def _checks(entry: dict[str, Any], record: dict[str, Any], steered: dict[str, An
     if steered is not None and steered["random_control"]["comparable"]:
         flags.append(f"a random direction of the same size changes the model about as much when steered "
                      f"(median KL ratio {steered['random_control']['median_ratio']:.2f})")  # fmt: skip
+    for check in null or []:
+        if check.passed is False:
+            flags.append(f"below the null: {check.text}")
     return FalsePositiveChecks(
         # Negative ratios (the other model anti-correlates) are as exclusive as 0; the schema keeps ν ≥ 0.
         nu_eps=None if nu_eps is None else max(0.0, nu_eps),
         nu_r=None if nu_r is None else max(0.0, nu_r),
         nu_eps_threshold=eps_max,
         nu_r_threshold=r_max,
-        passed=entry["passes_latent_scaling"] is True,
+        passed=entry["passes_latent_scaling"] is True and (null is None or _null_passed(null)),
+        null_checks=null or [],
         nearest_shared_feature=record["nearest_shared"],
         nearest_shared_cosine=None if cosine is None else _clamp(cosine, -1.0, 1.0),
         flags=flags,
     )
+
+
+def _null_passed(null: list[NullCheck]) -> bool:
+    measured = [c for c in null if c.passed is not None]
+    return bool(measured) and all(c.passed for c in measured)
+
+
+def _null_checks(stats: Any, calibration: NullCalibration | None) -> list[NullCheck] | None:
+    if calibration is None or stats is None:
+        return None
+    return [NullCheck(name=o.name, value=o.value, threshold=o.threshold, percentile=o.percentile, passed=o.passed,
+                      text=describe(o)) for o in judge(stats, calibration).outcomes]  # fmt: skip
 
 
 def _explanation(entry: dict[str, Any] | None, explainer: str) -> Explanation | None:
@@ -139,8 +160,10 @@ def _explanation(entry: dict[str, Any] | None, explainer: str) -> Explanation | 
 
 
 def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any] | None, weights: RankingWeights,
-                    explanations: dict[str, Any] | None = None) -> list[FeatureReport]:  # fmt: skip
-    """One model's reported features in final order (steering-aware when steering ran), ranked 1..n."""
+                    explanations: dict[str, Any] | None = None,
+                    calibration: NullCalibration | None = None) -> list[FeatureReport]:  # fmt: skip
+    """One model's reported features in final order (steering-aware when steering ran), ranked 1..n; with a
+    calibration, each checked against the null (only where steering ran: the checks read its measurements)."""
     records = {r["feature"]: r for r in analysis["features"][side]}
     steer_side = (steering or {}).get("sides", {}).get(side)
     order = steer_side["ranking"] if steer_side else analysis["features"][side]
@@ -149,6 +172,7 @@ def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any
     screens = steer_side.get("screens", {}) if steer_side else {}
     explained = (explanations or {}).get("features", {}).get(side, {})
     explainer = (explanations or {}).get("explainer", "")
+    null_stats = finding_statistics(steer_side) if steer_side else {}
     out = []
     for rank, entry in enumerate(order, start=1):
         f, record = entry["feature"], records[entry["feature"]]
@@ -162,7 +186,8 @@ def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any
             top_contexts=_contexts(record["contexts"]), weak_contexts=_contexts(record["weak_contexts"]),
             promoted_tokens=_tokens(promoted.get(str(f)), "top"),
             suppressed_tokens=_tokens(promoted.get(str(f)), "bottom"),
-            checks=_checks(entry, record, steered.get(f), weights),
+            checks=_checks(entry, record, steered.get(f), weights,
+                           _null_checks(null_stats.get(f), calibration if steer_side else None)),
             steering=_steering_results(steered.get(f)), divergence=_divergence(screens.get(str(f))),
             explanation=_explanation(explained.get(str(f)), explainer),
         ))  # fmt: skip
@@ -260,6 +285,8 @@ def build_report(audit_id: str, spec: AuditSpec, status: AuditStatus, outputs: d
     c = trained["crosscoder"]
     heldout = trained["heldout"]
     dead = trained.get("final_dead_fraction")
+    spec_calibration = spec.checks.calibration
+    calibration = calibration_for(None if spec_calibration is None else spec_calibration.model_dump())
     report = AuditReport(
         audit_id=audit_id,
         created_at=status.created_at,
@@ -286,8 +313,8 @@ def build_report(audit_id: str, spec: AuditSpec, status: AuditStatus, outputs: d
             wall_time_s=status.stage_seconds.get("training", trained.get("seconds", trained["wall_time_s"])),
         ),
         spec=spec.model_dump(mode="json"),
-        features_a=feature_reports("a", analysis, steering, weights, explanations),
-        features_b=feature_reports("b", analysis, steering, weights, explanations),
+        features_a=feature_reports("a", analysis, steering, weights, explanations, calibration),
+        features_b=feature_reports("b", analysis, steering, weights, explanations, calibration),
         shared_summary=SharedSummary(
             n_shared=analysis["shared"]["n_shared"], n_alive=analysis["shared"]["n_alive"],
             relative_norm_histogram=Histogram(**analysis["shared"]["histogram"]),
@@ -298,5 +325,6 @@ def build_report(audit_id: str, spec: AuditSpec, status: AuditStatus, outputs: d
         steering_transfer=steering_transfer((steering or {}).get("transfer")),
         warnings=report_warnings(analysis, steering, {"a": models["a"].id, "b": models["b"].id})
         + explanation_warnings(outputs.get("explain"), explanations),
+        checks_calibration=ChecksCalibration(**calibration.to_dict()) if steering else None,
     )  # fmt: skip
     return AuditReport.model_validate_json(report.model_dump_json())  # what readers will parse, checked once more

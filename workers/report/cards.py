@@ -124,11 +124,21 @@ def _checks_html(checks: FalsePositiveChecks, shared_listed: Collection[int]) ->
         link = shared_link(checks.nearest_shared_feature, shared_listed)
         nearest = f"{link} (cos {fmt_opt(checks.nearest_shared_cosine)})"
     flags = "".join(f"<li>{esc(flag)}</li>" for flag in checks.flags)
+    null_rows = "".join(
+        f'<tr><th title="against the null: features of audits of null pairs, where nothing differs">'
+        f"{esc(c.name.replace('_', ' '))}</th><td>{fmt_opt(c.value)}</td>"
+        + ('<td class="muted">not measured</td>' if c.passed is None else
+           f'<td class="{"ok" if c.passed else "bad"}">{"✓ &gt;" if c.passed else "✗ ≤"} {c.threshold:.3g} '
+           f'(null p{c.percentile:g})</td>')
+        + "</tr>"
+        for c in checks.null_checks
+    )  # fmt: skip
     return (
         f'<table class="checks"><tr><th title="Latent Scaling: does the other model\'s error contain it?">ν_ε</th>'
         f"<td>{fmt_opt(checks.nu_eps)}</td>{verdict(checks.nu_eps, checks.nu_eps_threshold)}</tr>"
         f'<tr><th title="Latent Scaling: does the other model reconstruct it through other latents?">ν_r</th>'
         f"<td>{fmt_opt(checks.nu_r)}</td>{verdict(checks.nu_r, checks.nu_r_threshold)}</tr>"
+        f"{null_rows}"
         f'<tr><th>nearest shared</th><td colspan="2">{nearest}</td></tr></table>'
         + (f'<ul class="flags">{flags}</ul>' if flags else "")
     )

@@ -12,9 +12,11 @@ import math
 import random
 from datetime import UTC, datetime, timedelta
 
+from dfc.analysis.null import FindingStatistics, NullCalibration, describe, judge
 from workers.report.schema import (
     AlignmentSummary,
     AuditReport,
+    ChecksCalibration,
     Context,
     Continuation,
     CorpusInfo,
@@ -27,6 +29,7 @@ from workers.report.schema import (
     FeatureStats,
     Histogram,
     ModelInfo,
+    NullCheck,
     Owner,
     SharedFeature,
     SharedSummary,
@@ -36,6 +39,23 @@ from workers.report.schema import (
     TrainingMetrics,
     TransferComponent,
 )
+
+EXAMPLE_CALIBRATION = NullCalibration(
+    thresholds={"divergence": 0.14, "removal_kl": 0.01, "specificity": 1.4},
+    percentiles={"divergence": 99.0, "removal_kl": 50.0, "specificity": 50.0},
+    null_pairs=3, null_features=120, passing_per_pair=[1, 0, 0], source="EXAMPLE calibration",
+)  # fmt: skip
+"""An invented null calibration, shaped like the shipped one."""
+
+
+def _null_checks(divergence: Divergence | None, specificity: float) -> list[NullCheck]:
+    stats = FindingStatistics(
+        None if divergence is None else divergence.nats, None if divergence is None else divergence.removal_kl,
+        specificity, None,
+    )
+    return [NullCheck(name=o.name, value=o.value, threshold=o.threshold, percentile=o.percentile, passed=o.passed,
+                      text=describe(o)) for o in judge(stats, EXAMPLE_CALIBRATION).outcomes]  # fmt: skip
+
 
 # A theme: (explanation, contexts with the marked token in [[…]], promoted tokens, suppressed tokens,
 # (prompt, unsteered, suppressed-steered, amplified-steered)).
@@ -212,6 +232,7 @@ def _feature(rng: random.Random, owner: Owner, i: int, index: int, flagship: boo
     nats = round(sum(t.gain * (t.logprob_owner - t.logprob_other) for t in tokens), 4)
     divergence = Divergence(nats=nats, removal_kl=round(strength * rng.uniform(0.1, 0.3), 4), contexts=1,
                             tokens=tokens)  # fmt: skip
+    null_checks = _null_checks(divergence, rng.uniform(2.0, 6.0) if flagship else rng.uniform(0.8, 2.0))
     # Named and weighted like dfc.analysis.ranking.rank_features: the Latent Scaling penalty is a negative weight.
     components = {
         "strength": round(max_act / 28.0, 4),
@@ -241,8 +262,9 @@ def _feature(rng: random.Random, owner: Owner, i: int, index: int, flagship: boo
         suppressed_tokens=[TokenValue(token=t, value=round(-2.5 + 0.3 * j - rng.uniform(0, 0.2), 3))
                            for j, t in enumerate(suppressed)],
         checks=FalsePositiveChecks(
-            nu_eps=nu_eps, nu_r=nu_r, passed=nu_eps < 0.2 and nu_r < 0.5,
-            nearest_shared_feature=nearest, nearest_shared_cosine=cosine, flags=flags,
+            nu_eps=nu_eps, nu_r=nu_r,
+            passed=nu_eps < 0.2 and nu_r < 0.5 and all(c.passed is not False for c in null_checks),
+            null_checks=null_checks, nearest_shared_feature=nearest, nearest_shared_cosine=cosine, flags=flags,
         ),
         steering=steering,
         divergence=divergence,
@@ -334,6 +356,7 @@ def example_report(n_features: int = 40, seed: int = 0, n_shared: int = 200) -> 
                                         steered="What a thoughtful question! You clearly have a deep interest…")],
             notes="EXAMPLE: the transferred vector makes model B agree with the user, as in the source model.",
         ) if shared_indices else None,
+        checks_calibration=ChecksCalibration(**EXAMPLE_CALIBRATION.to_dict()),
         warnings=[
             "This is an EXAMPLE report with invented numbers, for documentation and tests.",
             "Exclusive-feature lists are high-recall: check the false-positive flags and steering before acting.",

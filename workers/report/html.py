@@ -21,6 +21,7 @@ from workers.report.cards import (
     token_text,
 )
 from workers.report.schema import INTERPRETABLE, AuditReport, ModelInfo, Owner
+from workers.report.terminal import checks_legend
 
 DEFAULT_TOP_N = 50
 
@@ -159,7 +160,8 @@ def _summary(report: AuditReport) -> str:
     tiles.append(_tile(_count(report.alignment.pairs), "distinct aligned token pairs"))
     tiles.append(_tile(_count(t.tokens), f"token pairs seen in training ({c.steps:,} steps)"))
     warnings = "".join(f"<li>{esc(w)}</li>" for w in report.warnings)
-    return (f'<section id="summary"><h2>Summary</h2><div class="tiles">{"".join(tiles)}</div>'
+    legend = "".join(f"<p class=\"muted\">{esc(line.strip())}</p>" for line in checks_legend(report))
+    return (f'<section id="summary"><h2>Summary</h2><div class="tiles">{"".join(tiles)}</div>{legend}'
             + (f'<ul class="warn">{warnings}</ul>' if warnings else "") + "</section>")
 
 

@@ -13,10 +13,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 """1.1: ``nu_r_threshold`` may be null (ν_r not tested for a feature the other model has no decoder for).
 1.2: ``FeatureReport.divergence``. 1.3: ``Explanation.detection_contexts``. 1.4: ``Continuation.unsteered_tokens``
-and ``steered_tokens`` (optional: the generated tokens, special ones included)."""
+and ``steered_tokens`` (optional: the generated tokens, special ones included). 1.5: null-calibrated checks
+(``FalsePositiveChecks.null_checks``, ``AuditReport.checks_calibration``); ``passed`` now needs them too."""
 
 INTERPRETABLE = 0.8
 """Detection score from which an explanation counts as interpretable (SCIENCE.md §6)."""
@@ -139,6 +140,30 @@ class FeatureStats(_Model):
         return self
 
 
+class NullCheck(_Model):
+    """One check of a finding against the null: its statistic, and the null percentile it must be above."""
+
+    name: str = Field(description="divergence, removal_kl, specificity or score (dfc/analysis/null.py).")
+    value: float | None = Field(description="The finding's statistic; null: not measured (check not applied).")
+    threshold: float = Field(description="The null percentile's value.")
+    percentile: float = Field(ge=0.0, le=100.0, description="Which null percentile the threshold is.")
+    passed: bool | None = Field(description="Whether the value is above the threshold; null: not measured.")
+    text: str = Field(description='The comparison in words ("divergence 4.8 nats; null 99th percentile 0.2").')
+
+
+class ChecksCalibration(_Model):
+    """Where the null-calibrated checks' thresholds came from, and how many findings pass them by chance."""
+
+    thresholds: dict[str, float] = Field(description="Statistic → threshold.")
+    percentiles: dict[str, float] = Field(description="Statistic → null percentile.")
+    null_pairs: Count = Field(description="Null pairs audited for the calibration.")
+    null_features: Count = Field(description="Null features the percentiles were taken over.")
+    passing_per_pair: list[Count] = Field(
+        default_factory=list, description="Per calibration null pair: findings that passed every check by chance."
+    )
+    source: str = Field("", description="The calibration's pairs and recipe.")
+
+
 class FalsePositiveChecks(_Model):
     """Evidence that a feature is really exclusive and not an artefact (SCIENCE.md §6, §10)."""
 
@@ -156,7 +181,12 @@ class FalsePositiveChecks(_Model):
         description="ν_r below this counts as exclusive; null: not tested (the other model has no decoder for "
         "the feature, and ν_r's denominator vanishes for a cleanly exclusive one).",
     )
-    passed: bool = Field(description="True when every check the audit ran says the feature is truly exclusive.")
+    passed: bool = Field(
+        description="True when Latent Scaling and every measured null-calibrated check say the feature is new."
+    )
+    null_checks: list[NullCheck] = Field(
+        default_factory=list, description="The finding against the null distribution, one entry per check."
+    )
     nearest_shared_feature: Count | None = Field(
         default=None, description="Index of the shared feature whose owner-model decoder is most similar."
     )
@@ -326,7 +356,7 @@ class SteeringTransfer(_Model):
 class AuditReport(_Model):
     """The audit of model B (new) against model A (reference): the features exclusive to each, with evidence."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4"] = Field(
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5"] = Field(
         default=SCHEMA_VERSION, description="Version of this schema."
     )
     audit_id: str = Field(min_length=1, description="Identifier of the audit.")
@@ -344,6 +374,9 @@ class AuditReport(_Model):
     shared_summary: SharedSummary = Field(description="Summary of the shared features.")
     steering_transfer: SteeringTransfer | None = Field(default=None, description="Optional steering transfer.")
     warnings: list[str] = Field(default_factory=list, description="Audit-wide warnings for the reader.")
+    checks_calibration: ChecksCalibration | None = Field(
+        default=None, description="The null calibration the checks used (null: reports before 1.5)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AuditReport:

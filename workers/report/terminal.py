@@ -224,7 +224,35 @@ def headline(report: AuditReport) -> list[str]:
         features = report.features(owner)
         passed = sum(f.checks.passed for f in features)
         lines.append(f"{owner}-exclusive: {len(features)} ranked, {passed} passed the false-positive checks")
+    lines.extend(checks_legend(report))
     return lines
+
+
+def checks_legend(report: AuditReport) -> list[str]:
+    """What a ✓ means in this report: the null thresholds, and how many findings pass them by chance."""
+    cal = report.checks_calibration
+    if cal is None:
+        return ["✓ = passes Latent Scaling (no null calibration in this report)"]
+    order = [n for n in ("divergence", "removal_kl", "specificity", "score") if n in cal.thresholds]
+    parts = [f"{n.replace('_', ' ')} > {cal.thresholds[n]:.3g} (null p{cal.percentiles[n]:g})" for n in order]
+    chance = sum(cal.passing_per_pair) / len(cal.passing_per_pair) if cal.passing_per_pair else 0.0
+    worst = max(cal.passing_per_pair, default=0)
+    return [
+        f"✓ = Latent Scaling and {', '.join(parts)}",
+        f"    by chance: {chance:.2g} findings per audit pass on null pairs (at most {worst}; {cal.null_pairs} null "
+        f"pairs, {cal.null_features} null features)",
+    ]
+
+
+def finding_evidence(report: AuditReport, owner: Owner, top: int = 3) -> list[str]:
+    """The ``top`` findings of ``owner`` against the null, one line each ("divergence 4.8 nats; null 99th …")."""
+    out = []
+    for feature in report.features(owner)[:top]:
+        if feature.checks.null_checks:
+            mark = "✓" if feature.checks.passed else "✗"
+            texts = " · ".join(c.text for c in feature.checks.null_checks)
+            out.append(f"  {mark} #{feature.rank} feature {feature.index}: {texts}")
+    return out
 
 
 def print_summary(report: AuditReport, console: Console | None = None, top: int = 10) -> None:
@@ -254,3 +282,5 @@ def print_summary(report: AuditReport, console: Console | None = None, top: int 
                 say(line)
         else:
             console.print(feature_table(report, owner, top, width=console.width))
+        for line in finding_evidence(report, owner):
+            say(line if plain else _cut(line, max(20, console.width)))

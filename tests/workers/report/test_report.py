@@ -72,7 +72,7 @@ def test_report_round_trips_exactly_through_json(report: AuditReport) -> None:
     again = AuditReport.model_validate_json(text)
     assert again == report
     assert again.model_dump_json() == text
-    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.4"
+    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.5"
 
 
 def test_every_schema_field_has_a_description() -> None:
@@ -311,8 +311,9 @@ def test_terminal_summary_lists_top_features_of_both_models(report: AuditReport)
     top = report.features_b[0]
     assert repr(top.promoted_tokens[0].token) in text and top.top_contexts[0].token in text
     passed, failed = (sum(f.checks.passed == p for f in report.features_b[:5]) for p in (True, False))
-    b_table = text.split("Exclusive to B")[1].split("Exclusive to A")[0]
-    assert b_table.count("✓") == passed and b_table.count("✗") == failed
+    b_rows = "\n".join(r for r in text.split("Exclusive to B")[1].split("Exclusive to A")[0].splitlines()
+                       if r.startswith("│"))  # the table's rows, not the evidence lines under it
+    assert b_rows.count("✓") == passed and b_rows.count("✗") == failed
 
 
 def test_terminal_summary_shows_explanations_only_when_the_audit_wrote_them(report: AuditReport) -> None:
@@ -443,3 +444,64 @@ def test_token_counts_read_at_a_glance_at_every_scale():
     from workers.report.html import _count
 
     assert [_count(n) for n in (512, 131_049, 2_400_000, 100_000_000)] == ["512", "131k", "2.4 M", "100 M"]
+
+
+# --- null-calibrated checks --------------------------------------------------------------------------------------
+
+
+def test_the_summary_says_what_a_check_mark_means_and_how_each_top_finding_compares_with_the_null(report):
+    out = io.StringIO()
+    print_summary(report, Console(file=out, width=120, color_system=None, force_terminal=False))
+    text = out.getvalue()
+    assert "✓ = Latent Scaling and divergence > 0.14 (null p99), removal kl > 0.01 (null p50)" in text
+    assert "by chance: 0.33 findings per audit pass on null pairs (at most 1; 3 null pairs, 120 null features)" in text
+    top = report.features_b[0]
+    divergence = next(c for c in top.checks.null_checks if c.name == "divergence")
+    assert f"divergence {divergence.value:.3g} nats; null 99th percentile 0.14" in text
+
+
+def test_a_finding_below_the_null_fails_its_checks_and_says_which():
+    from dfc.analysis.null import FindingStatistics
+    from dfc.analysis.ranking import RankingWeights
+    from workers.report.build import _checks, _null_checks
+    from workers.report.fixtures import EXAMPLE_CALIBRATION
+
+    entry = {"nu_eps": 0.1, "nu_r": 0.1, "passes_latent_scaling": True}
+    record = {"nearest_shared_cosine": 0.1, "nearest_shared": 3, "contexts": [1, 2, 3]}
+    new = _null_checks(FindingStatistics(4.8, 0.5, 3.0, 1.0), EXAMPLE_CALIBRATION)
+    reencoding = _null_checks(FindingStatistics(0.01, 0.5, 3.0, 1.0), EXAMPLE_CALIBRATION)
+    assert _checks(entry, record, None, RankingWeights(), new).passed
+    failed = _checks(entry, record, None, RankingWeights(), reencoding)
+    assert not failed.passed
+    assert any(f.startswith("below the null: divergence 0.01 nats; null 99th percentile 0.14") for f in failed.flags)
+    # Without steering there is nothing to check against the null: Latent Scaling alone decides.
+    assert _checks(entry, record, None, RankingWeights(), None).passed
+
+
+def test_a_report_from_before_the_null_checks_still_opens_and_says_so(report):
+    data = json.loads(report.model_dump_json())
+    data["schema_version"] = "1.4"
+    del data["checks_calibration"]
+    for feature in data["features_a"] + data["features_b"]:
+        del feature["checks"]["null_checks"]
+    old = AuditReport.model_validate(data)
+    assert old.checks_calibration is None and all(not f.checks.null_checks for f in old.features_b)
+    out = io.StringIO()
+    print_summary(old, Console(file=out, width=120, color_system=None, force_terminal=False))
+    assert "no null calibration in this report" in out.getvalue()
+    assert "no null calibration in this report" in render_html(old)
+
+
+def test_the_shipped_calibration_is_from_null_pairs_and_a_spec_can_bring_its_own():
+    from workers.report.checks import builtin_calibration, calibration_for
+    from workers.spec import NullCalibrationSpec
+
+    shipped = builtin_calibration()
+    assert shipped.null_pairs >= 3 and shipped.null_features >= 100 and "divergence" in shipped.thresholds
+    # At most one chance finding per calibration null pair: the target, in sample.
+    assert max(shipped.passing_per_pair) <= 1
+    own = NullCalibrationSpec(thresholds={"divergence": 2.0}, percentiles={"divergence": 99}, null_pairs=1,
+                              null_features=40)  # fmt: skip
+    assert calibration_for(own.model_dump()).thresholds == {"divergence": 2.0}
+    with pytest.raises(ValidationError, match="unknown check statistics"):
+        NullCalibrationSpec(thresholds={"loudness": 1.0}, percentiles={"loudness": 99}, null_pairs=1, null_features=1)
