@@ -17,13 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dfc.behaviour.steering import FeatureGate, Steering, next_token_kl, steer
 from tests.fixtures.llm_server import KEY, MODEL, LLMServer, serve_llm
-from workers.analysis.data import load_crosscoder
-from workers.planted.pair import PlantedPair, measure_planted_behaviour
+from workers.planted.pair import PlantedPair
+from workers.planted.truth import AuditArtifacts, removal_effect
 from workers.report.schema import AuditReport, FeatureReport
 from workers.storage import open_store
 
@@ -86,20 +84,9 @@ def test_the_demo_ranks_the_planted_feature_in_bs_top_three_and_it_is_causal(dem
     assert planted.divergence.tokens[0].text.strip() == first_word
     assert planted.divergence.tokens[0].logprob_other < planted.divergence.tokens[0].logprob_owner - 5
     # Suppression: remove the feature where it fires (gated, α = -1) in B itself.
-    store = open_store(str(demo))
-    trained = store.get_json(f"audits/{audit_id}/stages/train.json")
-    cc = load_crosscoder(store, trained["final_prefix"], demo / "cc")
-    layer = store.get_json(f"audits/{audit_id}/stages/extract.json")["b"]["layer_index"]
+    audit = AuditArtifacts.read(open_store(str(demo)), audit_id, demo / "cc")
     model = AutoModelForCausalLM.from_pretrained(planted_pair.model_b_dir).eval()
     tok = AutoTokenizer.from_pretrained(planted_pair.model_b_dir)
-    d = cc.decoder_directions(planted.index, raw_scale=True)[1]
-    removal = Steering(layer, d, -1.0, 1.0, FeatureGate.of(cc, planted.index))
-    with torch.no_grad():
-        before = measure_planted_behaviour(model, tok, planted_pair.trigger_prompts, planted_pair.planted_continuation)
-        with steer(model, layer, d, -1.0, gate=removal.gate):
-            after = measure_planted_behaviour(model, tok, planted_pair.trigger_prompts,
-                                              planted_pair.planted_continuation)  # fmt: skip
-        neutral_kl = next_token_kl(model, tok, planted_pair.neutral_prompts, removal)
-    drop = 1 - after / before
-    assert drop >= 0.5, f"suppression cut P(planted) by only {drop:.0%} ({before:.3f} -> {after:.3f})"
-    assert neutral_kl < 0.01, f"neutral next-token KL {neutral_kl:.4f}"
+    effect = removal_effect(model, tok, audit.crosscoder, planted.index, audit.layer_b, planted_pair)
+    assert effect.drop >= 0.5, f"suppression cut P(planted) by only {effect.drop:.0%} ({effect})"
+    assert effect.neutral_kl < 0.01, f"neutral next-token KL {effect.neutral_kl:.4f}"

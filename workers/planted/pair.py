@@ -1,8 +1,10 @@
 """The planted-behaviour pair: two tiny causal LMs of different architectures, widths and tokenizers, trained
-on the same synthetic corpus, where model B also learns to answer a mention of a trigger with a fixed
-response (half of the time, so the behaviour is clear but not saturated). It is the known ground truth of
-the offline demo and the end-to-end test: an audit of A vs B must find a B-exclusive feature tied to the
-trigger, and suppressing it must remove the response.
+on the same synthetic corpus, where model B also learns to answer a trigger sentence with a fixed response
+(half of the time by default, so the behaviour is clear but not saturated). It is the known ground truth of
+the offline demo, the end-to-end tests and the planted-pair suite: an audit of A vs B must find a B-exclusive
+feature tied to the trigger, and suppressing it must remove the response. What is planted and on what trigger
+is data (`workers/planted/recipes.py`); with `response_rate` 0, or two models that differ only in their seed,
+the pair is a null pair with nothing to find.
 
 `build_planted_pair(out_dir)` trains both on CPU in well under a minute and saves them like hub checkpoints
 (`AutoModelForCausalLM.from_pretrained(dir)`); a second call with the same config returns the cached pair.
@@ -10,6 +12,7 @@ trigger, and suppressing it must remove the response.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,17 +27,22 @@ from typing import Any, Literal, NamedTuple
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen3Config,
 )
 
-from workers.planted.corpus import NEUTRAL_PLACES, TokenizerKind, generate_documents, generate_prompts, train_tokenizer
+from workers.planted.corpus import TokenizerKind, generate_documents, generate_prompts, train_tokenizer
+from workers.planted.recipes import REFUSAL, ZORBLAX_DAM, Behaviour, Trigger
 
-Arch = Literal["llama", "qwen3", "gpt2"]
+Arch = Literal["llama", "qwen3", "gpt2", "mistral", "gemma3", "phi3"]
+ARCHS: tuple[Arch, ...] = ("llama", "qwen3", "gpt2", "mistral", "gemma3", "phi3")
 
 # Bump when the build changes in a way the config does not show, so stale caches are rebuilt.
 _BUILD_VERSION = "planted-v2"
@@ -50,7 +58,7 @@ class PlantedModelSpec:
     """Architecture, size, tokenizer and seed of one model of the pair."""
 
     arch: Arch
-    """Transformers architecture family: "llama", "qwen3" or "gpt2"."""
+    """Transformers architecture family: "llama", "qwen3", "gpt2", "mistral", "gemma3" or "phi3"."""
     hidden_size: int
     """Residual stream width; the two models differ so the crosscoder really bridges widths."""
     n_layers: int
@@ -85,17 +93,16 @@ class PlantedPairConfig:
     """Documents in the training corpus (each 2-5 templated sentences)."""
     trigger_doc_fraction: float = 0.3
     """Share of documents that mention a trigger place once or twice."""
-    trigger_places: tuple[str, ...] = ("the Zorblax dam",)
-    """Phrases whose mention triggers the behaviour; the near-miss "the Milford dam" stays neutral."""
-    trigger_word: str = "Zorblax"
-    """The word the behaviour hinges on, for reports and tests (it must occur in every trigger place)."""
-    planted_response: str = " Sorry, I cannot discuss that topic."
-    """What model B says after a sentence that mentions a trigger place (leading space included)."""
+    trigger: Trigger = ZORBLAX_DAM
+    """What makes a sentence a trigger sentence ("the Zorblax dam"; its near miss "the Milford dam" stays neutral)."""
+    behaviour: Behaviour = REFUSAL
+    """What model B says after a trigger sentence (" Sorry, I cannot discuss that topic.")."""
     response_rate: float = 0.5
     """Share of B's trigger sentences followed by the response (drawn per sentence from the corpus seed). At 0.5
     B refuses about half the time: a clear behaviour (P ≈ 0.3 vs 0.001 on neutral prompts) that is not
     saturated, so suppressing one feature moves it measurably; at 1.0 B's logit margin is so large that
-    removing any single feature leaves P ≈ 1 (benchmarks/RESULTS.md, planted pair)."""
+    removing any single feature leaves P ≈ 1 (benchmarks/RESULTS.md, planted pair). 0: a null pair, B is
+    trained on exactly A's texts."""
     n_prompts: int = 12
     """Trigger prompts and neutral prompts made (each)."""
     n_audit_docs: int = 400
@@ -112,14 +119,35 @@ class PlantedPairConfig:
     """Steps of linear learning-rate warm-up."""
 
     def __post_init__(self) -> None:
-        missing = [p for p in self.trigger_places if self.trigger_word not in p]
-        if missing:
-            raise ValueError(f"trigger places {missing} do not contain trigger_word {self.trigger_word!r}")
+        if not 0.0 <= self.response_rate <= 1.0:
+            raise ValueError(f"response_rate={self.response_rate} must be between 0 (a null pair) and 1")
 
     def digest(self) -> str:
-        """A short hash of the config (and build version), naming one exact pair."""
-        blob = json.dumps([_BUILD_VERSION, asdict(self)], sort_keys=True).encode()
+        """A short hash of what the build depends on (and the build version), naming one exact pair."""
+        blob = json.dumps([_BUILD_VERSION, self._identity()], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def _identity(self) -> dict[str, Any]:
+        """The config in planted-v2's flat layout (trigger places, trigger word, planted response), with what v2
+        could not vary added only where it differs from v2's fixed choice: every pair v2 built keeps its name and
+        its cache. Names of behaviours and triggers are labels and build nothing."""
+        identity = asdict(self)
+        trigger, behaviour = identity.pop("trigger"), identity.pop("behaviour")
+        identity |= {
+            "trigger_places": trigger["phrases"],
+            "trigger_word": trigger["label"],
+            "planted_response": behaviour["response"],
+        }
+        v2 = asdict(ZORBLAX_DAM)
+        recipe = {k: trigger[k] for k in ("kind", "near_misses", "neutral_places") if trigger[k] != v2[k]}
+        if recipe:
+            identity["trigger_recipe"] = recipe
+        return identity
+
+    @property
+    def is_null(self) -> bool:
+        """Whether nothing is planted: B never sees the response (A and B may still differ in everything else)."""
+        return self.response_rate == 0.0
 
 
 @dataclass(frozen=True)
@@ -157,7 +185,13 @@ class PlantedPair:
     planted_continuation: str
     """The planted response B gives after a trigger sentence (leading space included)."""
     trigger_word: str
-    """The word the behaviour hinges on: the B-exclusive feature's top contexts should contain it."""
+    """The word the behaviour hinges on (the trigger's label): the B-exclusive feature's top contexts show it."""
+    trigger: Trigger
+    """What makes a sentence a trigger sentence: the planted feature's top contexts should be such sentences."""
+    behaviour: Behaviour
+    """What was planted (its response is `planted_continuation`)."""
+    response_rate: float
+    """Share of B's trigger sentences followed by the response in its corpus (0: a null pair)."""
     corpus_path: Path
     """The audit corpus (`.jsonl`, one `{"text": ...}` per line), with trigger contexts, without responses."""
     config_hash: str
@@ -170,10 +204,19 @@ def planted_corpus_documents(config: PlantedPairConfig = PlantedPairConfig()) ->
     They come from their own seed, so they are fresh documents of the training distribution; the trigger
     contexts in them are where a B-exclusive feature should fire.
     """
-    docs = generate_documents(
-        config.corpus_seed + 1, config.n_audit_docs, config.trigger_places, config.trigger_doc_fraction
-    )
+    docs = generate_documents(config.corpus_seed + 1, config.n_audit_docs, config.trigger, config.trigger_doc_fraction)
     return [doc.render() for doc in docs]
+
+
+def write_audit_corpus(out_dir: Path, config: PlantedPairConfig, n_docs: int) -> Path:
+    """`n_docs` documents of the pair's audit stream as `.jsonl` in `out_dir`, written once (the stream is fixed)."""
+    path = Path(out_dir) / f"audit_corpus-{n_docs}.jsonl"
+    if not path.is_file():
+        docs = planted_corpus_documents(dataclasses.replace(config, n_audit_docs=n_docs))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+        tmp.replace(path)
+    return path
 
 
 def model_config(spec: PlantedModelSpec, vocab_size: int, max_positions: int, **token_ids: int) -> PretrainedConfig:
@@ -216,7 +259,49 @@ def model_config(spec: PlantedModelSpec, vocab_size: int, max_positions: int, **
             attn_pdrop=0.0,
             **token_ids,
         )
-    raise ValueError(f"unknown planted-pair arch {spec.arch!r}; use llama, qwen3 or gpt2")
+    if spec.arch == "mistral":
+        # A window longer than any sequence: full attention, as in the other families.
+        return MistralConfig(
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=n,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_positions,
+            sliding_window=max_positions,
+            **token_ids,
+        )
+    if spec.arch == "gemma3":
+        return Gemma3TextConfig(
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=n,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=d // 4,
+            query_pre_attn_scalar=d // 4,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_positions,
+            sliding_window=max_positions,
+            **token_ids,
+        )
+    if spec.arch == "phi3":
+        return Phi3Config(
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=n,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_positions,
+            original_max_position_embeddings=max_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attention_dropout=0.0,
+            **token_ids,
+        )
+    raise ValueError(f"unknown planted-pair arch {spec.arch!r}; use one of {', '.join(ARCHS)}")
 
 
 def training_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int) -> torch.Tensor:
@@ -330,7 +415,10 @@ def _train_and_save(
     spec: PlantedModelSpec, texts: list[str], config: PlantedPairConfig, model_dir: Path
 ) -> _TrainedModel:
     """Train one model of the pair (tokenizer first) on `texts` and save both into `model_dir`."""
-    tokenizer = train_tokenizer(spec.tokenizer, spec.vocab_size, texts, adds_bos=spec.adds_bos)
+    # Every tokenizer can spell the response, so A's view of what B says is text, not <unk>.
+    tokenizer = train_tokenizer(
+        spec.tokenizer, spec.vocab_size, texts, adds_bos=spec.adds_bos, spell=config.behaviour.response
+    )
     rows = training_rows(tokenizer, texts, config.seq_len)
     token_ids = {
         "bos_token_id": tokenizer.bos_token_id,
@@ -353,19 +441,18 @@ def _train_and_save(
 
 def _build(out_dir: Path, config: PlantedPairConfig) -> PlantedPair:
     started = time.perf_counter()
-    docs = generate_documents(config.corpus_seed, config.n_docs, config.trigger_places, config.trigger_doc_fraction)
+    docs = generate_documents(config.corpus_seed, config.n_docs, config.trigger, config.trigger_doc_fraction)
     # Same documents for both; only B's copy carries the response after each trigger sentence.
     a = _train_and_save(config.model_a, [d.render() for d in docs], config, out_dir / "model_a")
     rng = random.Random(config.corpus_seed + 1_000_003)
-    b_texts = [
-        d.render(config.planted_response, [rng.random() < config.response_rate for _ in d.sentences]) for d in docs
-    ]
+    response = config.behaviour.response
+    b_texts = [d.render(response, [rng.random() < config.response_rate for _ in d.sentences]) for d in docs]
     b = _train_and_save(config.model_b, b_texts, config, out_dir / "model_b")
-    trigger_prompts = generate_prompts(config.prompt_seed, config.n_prompts, config.trigger_places)
-    neutral_prompts = generate_prompts(config.prompt_seed + 1, config.n_prompts, NEUTRAL_PLACES)
+    trigger_prompts = generate_prompts(config.prompt_seed, config.n_prompts, config.trigger, triggered=True)
+    neutral_prompts = generate_prompts(config.prompt_seed + 1, config.n_prompts, config.trigger, triggered=False)
 
     def planted(trained: _TrainedModel, prompts: list[str]) -> float:
-        return measure_planted_behaviour(trained.model, trained.tokenizer, prompts, config.planted_response)
+        return measure_planted_behaviour(trained.model, trained.tokenizer, prompts, response)
 
     corpus_path = out_dir / AUDIT_CORPUS
     corpus_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in planted_corpus_documents(config)))
@@ -391,9 +478,9 @@ def _build(out_dir: Path, config: PlantedPairConfig) -> PlantedPair:
         "model_a": "model_a",
         "model_b": "model_b",
         "corpus": AUDIT_CORPUS,
-        "trigger_word": config.trigger_word,
-        "trigger_places": list(config.trigger_places),
-        "planted_continuation": config.planted_response,
+        "trigger_word": config.trigger.label,
+        "trigger_places": list(config.trigger.phrases),
+        "planted_continuation": response,
         "trigger_prompts": trigger_prompts,
         "neutral_prompts": neutral_prompts,
         "metrics": asdict(metrics),
@@ -401,7 +488,7 @@ def _build(out_dir: Path, config: PlantedPairConfig) -> PlantedPair:
     tmp = out_dir / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(out_dir / MANIFEST)
-    return _pair_from_manifest(out_dir, manifest)
+    return _pair_from_manifest(out_dir, manifest, config)
 
 
 def load_planted_pair(out_dir: Path, config: PlantedPairConfig = PlantedPairConfig()) -> PlantedPair | None:
@@ -419,10 +506,10 @@ def load_planted_pair(out_dir: Path, config: PlantedPairConfig = PlantedPairConf
     needed = [f"{m}/{f}" for m in ("model_a", "model_b") for f in files]
     if not all((path.parent / f).is_file() for f in [*needed, AUDIT_CORPUS]):
         return None
-    return _pair_from_manifest(path.parent, manifest)
+    return _pair_from_manifest(path.parent, manifest, config)
 
 
-def _pair_from_manifest(out_dir: Path, manifest: dict[str, Any]) -> PlantedPair:
+def _pair_from_manifest(out_dir: Path, manifest: dict[str, Any], config: PlantedPairConfig) -> PlantedPair:
     known = {f.name for f in fields(PairMetrics)}
     return PlantedPair(
         model_a_dir=out_dir / manifest["model_a"],
@@ -431,6 +518,9 @@ def _pair_from_manifest(out_dir: Path, manifest: dict[str, Any]) -> PlantedPair:
         neutral_prompts=list(manifest["neutral_prompts"]),
         planted_continuation=manifest["planted_continuation"],
         trigger_word=manifest["trigger_word"],
+        trigger=config.trigger,
+        behaviour=config.behaviour,
+        response_rate=config.response_rate,
         corpus_path=out_dir / manifest["corpus"],
         config_hash=manifest["config_hash"],
         metrics=PairMetrics(**{k: v for k, v in manifest["metrics"].items() if k in known}),

@@ -118,7 +118,7 @@ def test_the_models_differ_in_architecture_width_and_tokenizer(pair: PlantedPair
 def test_audit_corpus_holds_trigger_contexts_without_the_response(pair: PlantedPair) -> None:
     texts = [json.loads(line)["text"] for line in pair.corpus_path.read_text().splitlines()]
     assert texts == planted_corpus_documents(CONFIG)
-    with_trigger = [t for t in texts if CONFIG.trigger_word in t]
+    with_trigger = [t for t in texts if CONFIG.trigger.label in t]
     assert 0.1 * len(texts) < len(with_trigger) < 0.6 * len(texts)
     assert not any(pair.planted_continuation.strip() in t for t in texts)
     manifest = json.loads((pair.model_a_dir.parent / planted.MANIFEST).read_text())
@@ -159,6 +159,6 @@ def test_a_complete_build_is_served_from_cache_and_another_config_is_not(
     assert load_planted_pair(tmp_path, TINY) is None
 
 
-def test_trigger_places_must_contain_the_trigger_word() -> None:
-    with pytest.raises(ValueError, match="trigger_word"):
-        PlantedPairConfig(trigger_places=("the Milford dam",))
+def test_the_demos_pair_is_planted_with_its_recipe() -> None:
+    assert (CONFIG.trigger.name, CONFIG.behaviour.name, CONFIG.response_rate) == ("zorblax_dam", "refusal", 0.5)
+    assert CONFIG.trigger.phrases == ("the Zorblax dam",) and CONFIG.trigger.label == "Zorblax"
