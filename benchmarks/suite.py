@@ -30,7 +30,8 @@ from typing import Any, Literal
 import torch
 
 from service.cli.run import demo_spec
-from workers.pipeline.run import ensure_ray, run_audit
+from workers.analysis.analyse import publish_stage
+from workers.pipeline.run import STAGE_NAMES, StageContext, ensure_ray, manifest_key, run_audit
 from workers.pipeline.status import AuditState, AuditStore
 from workers.planted.pair import (
     PlantedModelSpec,
@@ -40,7 +41,8 @@ from workers.planted.pair import (
     write_audit_corpus,
 )
 from workers.planted.recipes import BEHAVIOURS, TRIGGERS
-from workers.planted.truth import Assessment, assess_audit
+from workers.planted.truth import Assessment, assess_audit, findings_passing_checks
+from workers.report.schema import AuditReport
 from workers.storage import open_store
 
 RESULTS = Path(__file__).parent / "results"
@@ -264,6 +266,31 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def recheck(args: argparse.Namespace) -> None:
+    """Re-run only the publish stage of each stored audit of ``--out`` and recount what passes the checks."""
+    payload = json.loads(args.out.read_text())
+    store = open_store(str(args.recheck))
+    audits = AuditStore(store)
+    work = Path(tempfile.mkdtemp(prefix="dfc-suite-recheck-"))
+    for row in payload["pairs"]:
+        audit_id = row["audit_id"]
+        status = audits.status(audit_id)
+        outputs = {name: store.get_json(manifest_key(audit_id, name, audits)) for name in STAGE_NAMES
+                   if name != "publish" and store.exists(manifest_key(audit_id, name, audits))}  # fmt: skip
+        ctx = StageContext(audit_id=audit_id, spec=audits.spec(audit_id), store=store, audits=audits,
+                           work_dir=work / audit_id, outputs=outputs, stage=AuditState.PUBLISHING)  # fmt: skip
+        published = publish_stage(ctx)
+        audits.update(audit_id, state=status.state)  # republishing is not a new run
+        report = AuditReport.model_validate(store.get_json(published["report_json"]))
+        row["findings_passing_checks"] = findings_passing_checks(report)
+        print(f"{row['name']}: {row['findings_passing_checks']} of B's findings pass the checks", flush=True)
+    payload.update(summary(payload["pairs"]))
+    payload["rechecked"] = "findings_passing_checks recounted with the null-calibrated checks (--recheck)"
+    args.out.write_text(json.dumps(payload, indent=2))
+    print(table(payload["pairs"]))
+    print({k: v for k, v in payload.items() if k != "pairs"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", default="", help="comma-separated pair names (default: all)")
@@ -273,7 +300,13 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None, help="audit store folder (default: a fresh temp folder)")
     parser.add_argument("--out", type=Path, default=RESULTS / "suite.json")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    parser.add_argument("--recheck", type=Path, default=None, metavar="STORE",
+                        help="republish the audits of --out's pairs from STORE with the current report code and "
+                        "recount the findings passing the checks (found_at is unchanged: it does not read them)")
     args = parser.parse_args()
+    if args.recheck:
+        recheck(args)
+        return
     names = [n for n in args.pairs.split(",") if n]
     known = {p.name: p for p in SUITE}
     unknown = sorted(set(names) - set(known))

@@ -497,9 +497,10 @@ def test_the_shipped_calibration_is_from_null_pairs_and_a_spec_can_bring_its_own
     from workers.spec import NullCalibrationSpec
 
     shipped = builtin_calibration()
-    assert shipped.null_pairs >= 3 and shipped.null_features >= 100 and "divergence" in shipped.thresholds
-    # At most one chance finding per calibration null pair: the target, in sample.
-    assert max(shipped.passing_per_pair) <= 1
+    assert shipped.null_pairs >= 3 and shipped.null_features >= 100
+    assert {"divergence", "removal_kl"} <= set(shipped.thresholds) and shipped.percentiles["divergence"] >= 99
+    # Fewer than one chance finding per calibration null pair on average (held-out nulls: benchmarks/suite.py).
+    assert len(shipped.passing_per_pair) == shipped.null_pairs and shipped.passing_per_pair_mean < 1
     own = NullCalibrationSpec(thresholds={"divergence": 2.0}, percentiles={"divergence": 99}, null_pairs=1,
                               null_features=40)  # fmt: skip
     assert calibration_for(own.model_dump()).thresholds == {"divergence": 2.0}

@@ -1,0 +1,134 @@
+"""Calibrate the false-positive checks on null pairs, and ship the result.
+
+Builds and audits null pairs — the planted recipe with nothing planted, and a pair whose models differ only in
+their seed — none of them the suite's own null pairs (`benchmarks/suite.py` evaluates on those, held out). Every
+ranked feature of both models of a null pair is a null feature; each check's threshold is a percentile of their
+statistic (`dfc/analysis/null.py`). Writes the calibration the audits use by default,
+`workers/report/null_calibration.json`, and `benchmarks/results/null_calibration.json` with every null
+feature's statistics, so other percentiles can be tried without auditing again (`--from-results`).
+
+    python benchmarks/calibrate.py                      # ~10 min on 2 CPU cores
+    python benchmarks/calibrate.py --from-results --percentile divergence=99 --percentile removal_kl=50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.suite import SuitePair, audit_pair, model, planted  # noqa: E402
+from dfc.analysis.null import STATISTICS, FindingStatistics, calibrate  # noqa: E402
+from workers.pipeline.run import ensure_ray  # noqa: E402
+from workers.planted.pair import build_planted_pair  # noqa: E402
+from workers.report.checks import BUILTIN, audit_statistics  # noqa: E402
+from workers.storage import open_store  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "null_calibration.json"
+SHIPPED = ROOT / Path(*BUILTIN[0].split(".")) / BUILTIN[1]
+PERCENTILES = {"divergence": 99.0, "removal_kl": 50.0}
+"""Divergence — what tells a new behaviour from a re-encoding — must beat nearly every null feature; removal KL
+must be at least that of a typical null feature (removing the finding changes what its model says). Not
+thresholded, from the calibration's own numbers: steering specificity against a random direction (the additive
+sweep's KL over a random direction's) is 1.03 for the demo's planted feature, below every one of the 30 null
+features measured (1.05–3.3, median 1.38), so it cannot tell a planted behaviour from a null feature; and the
+score, which is relative to each audit's own features."""
+
+CALIBRATION_PAIRS: tuple[SuitePair, ...] = (
+    SuitePair("cal_null_qwen_llama", "null",
+              planted(model("qwen3", 96, 400, "byte_bpe", bos=False, seed=101),
+                      model("llama", 64, 360, "metaspace_bpe", bos=True, seed=102), "refusal", "volcano", 0.0, 101),
+              "two families, nothing planted"),
+    SuitePair("cal_null_gpt2_phi3", "null",
+              planted(model("gpt2", 80, 500, "byte_bpe", bos=False, seed=111),
+                      model("phi3", 64, 360, "metaspace_bpe", bos=True, seed=112), "false_fact", "note_tag", 0.0, 111),
+              "two other families, another trigger's corpus, nothing planted"),
+    SuitePair("cal_null_seed_gemma3", "null",
+              planted(model("gemma3", 64, 360, "metaspace_bpe", bos=True, seed=121),
+                      model("gemma3", 64, 360, "metaspace_bpe", bos=True, seed=122), "code_token", "harvest_fair",
+                      0.0, 121),
+              "A and B differ only in their seed"),
+)  # fmt: skip
+
+
+def audit_null(entry: SuitePair, args: argparse.Namespace) -> dict[str, Any]:
+    """Build and audit one null pair; every ranked feature's statistics."""
+    started = time.perf_counter()
+    pair = build_planted_pair(args.cache / entry.name, entry.config)
+    audit_id, _ = audit_pair(pair, entry.config, args.store, args.work, 0, args.token_budget)
+    store = open_store(str(args.store))
+    steering = store.get_json(f"audits/{audit_id}/analysis/steering.json")
+    stats = audit_statistics(steering)
+    return {"name": entry.name, "note": entry.note, "audit_id": audit_id,
+            "seconds": round(time.perf_counter() - started, 1),
+            "features": [s._asdict() for s in stats]}  # fmt: skip
+
+
+def parse_percentiles(values: list[str]) -> dict[str, float]:
+    if not values:
+        return dict(PERCENTILES)
+    out = {}
+    for value in values:
+        name, _, pct = value.partition("=")
+        if name not in STATISTICS or not pct:
+            raise SystemExit(f"--percentile {value!r}: use NAME=PCT with NAME one of {', '.join(STATISTICS)}")
+        out[name] = float(pct)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("DFC_CACHE") or "~/.cache/dfc-audit")
+                        / "suite")  # fmt: skip
+    parser.add_argument("--store", type=Path, default=None, help="bucket folder for the audits (default: a temp dir)")
+    parser.add_argument("--token-budget", type=int, default=60_000, help="tokens per model, as the demo")
+    parser.add_argument("--percentile", action="append", default=[], metavar="NAME=PCT",
+                        help=f"a check's null percentile (default {PERCENTILES})")  # fmt: skip
+    parser.add_argument("--from-results", action="store_true", help="recalibrate from the saved null features")
+    parser.add_argument("--no-ship", action="store_true", help=f"do not overwrite {SHIPPED.relative_to(ROOT)}")
+    args = parser.parse_args()
+    percentiles = parse_percentiles(args.percentile)
+    started = time.perf_counter()
+    if args.from_results:
+        pairs = json.loads(RESULTS.read_text())["pairs"]
+    else:
+        torch.set_num_threads(1)
+        args.cache = args.cache.expanduser()
+        tmp = Path(tempfile.mkdtemp(prefix="dfc-calibrate-"))
+        args.store = args.store or tmp / "bucket"
+        args.work = tmp / "work"
+        ensure_ray(num_cpus=2)
+        pairs = []
+        for entry in CALIBRATION_PAIRS:
+            print(f"auditing {entry.name} …", flush=True)
+            pairs.append(audit_null(entry, args))
+    audits = [[FindingStatistics(**f) for f in p["features"]] for p in pairs]
+    source = f"{len(pairs)} null pairs ({', '.join(p['name'] for p in pairs)}; benchmarks/calibrate.py, demo recipe)"
+    result = calibrate(audits, percentiles, source=source)
+    print(f"{'check':12} {'percentile':>10} {'threshold':>10}")
+    for name, threshold in result.thresholds.items():
+        print(f"{name:12} {result.percentiles[name]:10g} {threshold:10.4g}")
+    print(f"null features: {result.null_features} over {result.null_pairs} pairs; passing every check per pair: "
+          f"{result.passing_per_pair} (mean {result.passing_per_pair_mean:.2f})")  # fmt: skip
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"calibration": result.to_dict(), "pairs": pairs,
+                                   "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")  # fmt: skip
+    if not args.no_ship:
+        SHIPPED.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"wrote {SHIPPED.relative_to(ROOT)}")
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
