@@ -101,6 +101,7 @@ def main() -> int:
     started = time.perf_counter()
     if args.from_results:
         pairs = json.loads(RESULTS.read_text())["pairs"]
+        started -= sum(p["seconds"] for p in pairs)  # the audits' time, not this recount's
     else:
         torch.set_num_threads(1)
         args.cache = args.cache.expanduser()
