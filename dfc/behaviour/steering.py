@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -241,14 +241,29 @@ def logprob_change(
     return LogprobChange(chosen, delta[chosen])
 
 
-@torch.no_grad()
+class Generation(NamedTuple):
+    """A greedy continuation as text, and the tokens it was made of (each decoded alone, special ones kept), so a
+    reader can tell "ended the text at once" from "wrote only whitespace"."""
+
+    text: str
+    tokens: list[str]
+
+
 def greedy_continuations(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, steering: Steering | None = None
 ) -> list[str]:
     """Greedy (deterministic) continuation of each prompt, steered at every position including new ones."""
+    return [g.text for g in greedy_generations(model, tokenizer, prompts, max_new_tokens, steering)]
+
+
+@torch.no_grad()
+def greedy_generations(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, steering: Steering | None = None
+) -> list[Generation]:
+    """``greedy_continuations`` with the generated tokens of each."""
     device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts: list[str] = []
+    texts: list[Generation] = []
     with _maybe_steer(model, steering):
         for ids in encode_prompts(tokenizer, prompts):
             out = model.generate(
@@ -258,7 +273,9 @@ def greedy_continuations(
                 do_sample=False,
                 pad_token_id=pad,
             )
-            texts.append(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+            new = out[0, len(ids) :].tolist()
+            texts.append(Generation(tokenizer.decode(new, skip_special_tokens=True),
+                                    [tokenizer.decode([t], skip_special_tokens=False) for t in new]))  # fmt: skip
     return texts
 
 
@@ -275,6 +292,8 @@ class SweepPoint:
     """Mean change of the promoted tokens' log-probabilities on the feature prompts (None without tokens)."""
     continuations: list[str]
     """Greedy continuation of each probe prompt under this coefficient."""
+    continuation_tokens: list[list[str]] = field(default_factory=list)
+    """The tokens of each continuation (``Generation.tokens``)."""
 
 
 @dataclass(frozen=True)
@@ -286,6 +305,7 @@ class SteeringSweep:
     probe_prompts: list[str]
     unsteered: list[str]
     points: list[SweepPoint]
+    unsteered_tokens: list[list[str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -315,11 +335,12 @@ def steering_sweep(
     feature_ids, neutral_ids = encode_prompts(tokenizer, feature_prompts), encode_prompts(tokenizer, neutral_prompts)
     base_feature, base_neutral = next_token_logprobs(model, feature_ids), next_token_logprobs(model, neutral_ids)
     promoted = None if promoted_token_ids is None else torch.as_tensor(promoted_token_ids, dtype=torch.long)
-    unsteered = greedy_continuations(model, tokenizer, probe_prompts, max_new_tokens) if probe_prompts else []
+    unsteered = greedy_generations(model, tokenizer, probe_prompts, max_new_tokens) if probe_prompts else []
     points: list[SweepPoint] = []
     for alpha in alphas:
         spec = Steering(layer_index, direction, float(alpha), float(s_max), gate)
         steered_feature = next_token_logprobs(model, feature_ids, spec)
+        steered = greedy_generations(model, tokenizer, probe_prompts, max_new_tokens, spec) if probe_prompts else []
         change = None
         if promoted is not None and promoted.numel():
             change = float(mean_logprob_delta(steered_feature, base_feature)[promoted].mean())
@@ -329,12 +350,12 @@ def steering_sweep(
                 kl_feature=mean_kl(steered_feature, base_feature),
                 kl_neutral=mean_kl(next_token_logprobs(model, neutral_ids, spec), base_neutral),
                 promoted_logprob_change=change,
-                continuations=(
-                    greedy_continuations(model, tokenizer, probe_prompts, max_new_tokens, spec) if probe_prompts else []
-                ),
+                continuations=[g.text for g in steered],
+                continuation_tokens=[g.tokens for g in steered],
             )
         )
-    return SteeringSweep(layer_index, float(s_max), list(probe_prompts), unsteered, points)
+    return SteeringSweep(layer_index, float(s_max), list(probe_prompts), [g.text for g in unsteered], points,
+                         [g.tokens for g in unsteered])  # fmt: skip
 
 
 def raw_decoder(crosscoder: Crosscoder, side: Side, features: Sequence[int] | Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from dfc.analysis.promoted import direct_logit_attribution
 from dfc.analysis.ranking import FeatureRanking, RankingWeights, rank_features
 from dfc.behaviour.divergence import RemovalScreen, score_under, screen_removal
-from dfc.behaviour.steering import FeatureGate, Steering, greedy_continuations, next_token_kl, steering_sweep
+from dfc.behaviour.steering import FeatureGate, Steering, greedy_generations, next_token_kl, steering_sweep
 from dfc.behaviour.transfer import contrast_vector, transfer_steering_vector
 from dfc.crosscoder import Crosscoder
 from workers.activations.extract import torch_dtype
@@ -203,8 +203,8 @@ def _transfer(ctx: StageContext, cc: Crosscoder, models: _Models) -> dict[str, A
         if spec.positive:  # the target's own vector from the same prompts: did the transfer find its direction?
             mine = contrast_vector(loaded.model, loaded.tokenizer, layers[target], spec.positive, spec.negative)
             own = float(torch.nn.functional.cosine_similarity(mine, carried.vector, dim=0))
-        unsteered = greedy_continuations(loaded.model, loaded.tokenizer, prompts, ctx.spec.steering.max_new_tokens)
-        steered = greedy_continuations(loaded.model, loaded.tokenizer, prompts, ctx.spec.steering.max_new_tokens,
+        unsteered = greedy_generations(loaded.model, loaded.tokenizer, prompts, ctx.spec.steering.max_new_tokens)
+        steered = greedy_generations(loaded.model, loaded.tokenizer, prompts, ctx.spec.steering.max_new_tokens,
                                        steering)  # fmt: skip
     except ValueError as exc:  # SteeringError included
         return {"name": spec.name, "source": source, "target": target, "error": str(exc)}
@@ -212,7 +212,8 @@ def _transfer(ctx: StageContext, cc: Crosscoder, models: _Models) -> dict[str, A
         "name": spec.name, "source": source, "target": target, "source_coefficient": spec.coefficient,
         "target_coefficient": alpha, "features": carried.features.tolist(), "weights": carried.weights.tolist(),
         "source_norm": float(v.norm()), "kl": kl, "kl_random": kl_random, "cosine_with_own_contrast": own,
-        "probe_prompts": prompts, "unsteered": unsteered, "steered": steered,
+        "probe_prompts": prompts, "unsteered": [g.text for g in unsteered], "steered": [g.text for g in steered],
+        "unsteered_tokens": [g.tokens for g in unsteered], "steered_tokens": [g.tokens for g in steered],
     }  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from dfc.behaviour.steering import (
     Steering,
     SteeringError,
     greedy_continuations,
+    greedy_generations,
     logprob_change,
     next_token_kl,
     steer,
@@ -108,6 +109,22 @@ def test_sweep_records_kl_logprob_and_side_by_side_continuations(llama):
     assert strong.kl_feature > 0 and strong.promoted_logprob_change > 0
     assert sweep.unsteered == greedy_continuations(model, tok, PROMPTS, 4)  # greedy is deterministic
     assert json.loads(json.dumps(sweep.to_dict()))["points"][1]["alpha"] == 3.0
+    # Every box of the report can say what was generated, token by token, even when the text is empty.
+    for text, tokens in zip(strong.continuations, strong.continuation_tokens, strict=True):
+        assert 1 <= len(tokens) <= 4
+        special = set(tok.all_special_tokens)
+        assert "".join(t for t in tokens if t not in special).strip() == text.strip()
+    assert len(sweep.unsteered_tokens) == len(PROMPTS)
+
+
+def test_a_generation_that_ends_at_once_keeps_its_end_token(llama):
+    model, tok = llama
+    eos = tok.eos_token_id
+    direction = model.get_output_embeddings().weight[eos].detach()
+    last = len(find_decoder_layers(model).layers) - 1
+    forced = Steering(last, direction, 1.0, 50.0)
+    (generation,) = greedy_generations(model, tok, PROMPTS[:1], 3, forced)
+    assert generation.text == "" and generation.tokens[0] == tok.eos_token
 
 
 def _hand_built_dfc() -> tuple[Crosscoder, list[int]]:

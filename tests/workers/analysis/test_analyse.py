@@ -172,6 +172,8 @@ def test_steering_screens_every_reported_feature_and_sweeps_the_final_top(audit)
         for f in features[:STEERED]:
             assert [s.alpha for s in f.steering] == ALPHAS
             assert f.steering[0].continuations[0].prompt == "The capital of France is"
+            # The generated tokens reach the report, so no box has to be empty without saying why.
+            assert all(c.steered_tokens and c.unsteered_tokens for s in f.steering for c in s.continuations)
         assert all(not f.steering for f in features[STEERED:])
         # Both causal components are normalised by the largest value among the screened features.
         assert max(f.score_components["steering"] for f in features) == pytest.approx(1.0)
@@ -418,6 +420,7 @@ def test_a_contrast_vector_of_a_is_carried_to_b_through_shared_features_and_repo
     assert weights == sorted(weights, reverse=True) and weights[0] > 0
     assert (t.source_coefficient, t.target_coefficient) == (4.0, 4.0)
     assert [c.prompt for c in t.continuations] == ["The capital of France is"]  # the spec's probe prompts
+    assert all(c.steered_tokens and c.unsteered_tokens for c in t.continuations)
     assert "random direction of the same norm" in t.notes and "own vector from the same contrasting" in t.notes
     page = audit.store.get_bytes(f"audits/{new_id}/report/report.html").decode()
     assert 'id="transfer"' in page and html.escape("“politeness” from A to B") in page
