@@ -222,85 +222,26 @@ def write_audit_corpus(out_dir: Path, config: PlantedPairConfig, n_docs: int) ->
 def model_config(spec: PlantedModelSpec, vocab_size: int, max_positions: int, **token_ids: int) -> PretrainedConfig:
     """The transformers config of one tiny model of the pair."""
     d, n = spec.hidden_size, spec.n_layers
-    if spec.arch == "llama":
-        return LlamaConfig(
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=n,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=vocab_size,
-            max_position_embeddings=max_positions,
-            **token_ids,
-        )
-    if spec.arch == "qwen3":
-        return Qwen3Config(
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=n,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=d // 4,
-            vocab_size=vocab_size,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=True,
-            **token_ids,
-        )
     if spec.arch == "gpt2":
         # No dropout: the build must be a pure function of the seeds.
-        return GPT2Config(
-            n_embd=d,
-            n_layer=n,
-            n_head=4,
-            n_positions=max_positions,
-            vocab_size=vocab_size,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **token_ids,
-        )
+        return GPT2Config(n_embd=d, n_layer=n, n_head=4, n_positions=max_positions, vocab_size=vocab_size,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **token_ids)  # fmt: skip
+    # The Llama-like families share their shape: 4 heads, 2 KV heads, an MLP twice the width.
+    shape: dict[str, Any] = dict(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max_positions,
+                                 **token_ids)  # fmt: skip
+    if spec.arch == "llama":
+        return LlamaConfig(**shape)
+    if spec.arch == "qwen3":
+        return Qwen3Config(**shape, head_dim=d // 4, tie_word_embeddings=True)
     if spec.arch == "mistral":
         # A window longer than any sequence: full attention, as in the other families.
-        return MistralConfig(
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=n,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=vocab_size,
-            max_position_embeddings=max_positions,
-            sliding_window=max_positions,
-            **token_ids,
-        )
+        return MistralConfig(**shape, sliding_window=max_positions)
     if spec.arch == "gemma3":
-        return Gemma3TextConfig(
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=n,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=d // 4,
-            query_pre_attn_scalar=d // 4,
-            vocab_size=vocab_size,
-            max_position_embeddings=max_positions,
-            sliding_window=max_positions,
-            **token_ids,
-        )
+        return Gemma3TextConfig(**shape, head_dim=d // 4, query_pre_attn_scalar=d // 4, sliding_window=max_positions)
     if spec.arch == "phi3":
-        return Phi3Config(
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=n,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=vocab_size,
-            max_position_embeddings=max_positions,
-            original_max_position_embeddings=max_positions,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attention_dropout=0.0,
-            **token_ids,
-        )
+        return Phi3Config(**shape, original_max_position_embeddings=max_positions, resid_pdrop=0.0, embd_pdrop=0.0,
+                          attention_dropout=0.0)  # fmt: skip
     raise ValueError(f"unknown planted-pair arch {spec.arch!r}; use one of {', '.join(ARCHS)}")
 
 
