@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import shlex
@@ -412,7 +411,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace, json_out: TextIO | None) -> int:
-    from workers.planted.pair import PlantedPairConfig, build_planted_pair, planted_corpus_documents
+    from workers.planted.pair import PlantedPairConfig, build_planted_pair, write_audit_corpus
 
     # build_planted_pair trains single-threaded itself; the stages set their own threads in their actors.
     started = time.monotonic()
@@ -421,12 +420,7 @@ def _demo(args: argparse.Namespace, json_out: TextIO | None) -> int:
     pair = build_planted_pair(cache)
     # About 35 tokens per document: write enough of the (deterministic) audit stream to fill the budget.
     n_docs = max(PlantedPairConfig().n_audit_docs, args.token_budget // 25)
-    corpus_path = cache / f"audit_corpus-{n_docs}.jsonl"
-    if not corpus_path.is_file():
-        docs = planted_corpus_documents(dataclasses.replace(PlantedPairConfig(), n_audit_docs=n_docs))
-        tmp = corpus_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-        tmp.replace(corpus_path)
+    corpus_path = write_audit_corpus(cache, PlantedPairConfig(), n_docs)
     spec = demo_spec(pair, corpus_path, args.token_budget, explain=args.explain)
     store, audits = open_audits(args.store)
     store.check()
