@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.suite import SuitePair, audit_pair, model, planted  # noqa: E402
 from dfc.analysis.null import STATISTICS, FindingStatistics, calibrate  # noqa: E402
-from workers.pipeline.run import ensure_ray  # noqa: E402
+from workers.pipeline.run import ensure_ray, manifest_key  # noqa: E402
+from workers.pipeline.status import AuditStore  # noqa: E402
 from workers.planted.pair import build_planted_pair  # noqa: E402
 from workers.report.checks import BUILTIN, audit_statistics  # noqa: E402
 from workers.storage import open_store  # noqa: E402
@@ -67,7 +68,8 @@ def audit_null(entry: SuitePair, args: argparse.Namespace) -> dict[str, Any]:
     pair = build_planted_pair(args.cache / entry.name, entry.config)
     audit_id, _ = audit_pair(pair, entry.config, args.store, args.work, 0, args.token_budget)
     store = open_store(str(args.store))
-    steering = store.get_json(f"audits/{audit_id}/analysis/steering.json")
+    audits = AuditStore(store)
+    steering = store.get_json(store.get_json(manifest_key(audit_id, "steer", audits))["steering_json"])
     stats = audit_statistics(steering)
     return {"name": entry.name, "note": entry.note, "audit_id": audit_id,
             "seconds": round(time.perf_counter() - started, 1),

@@ -7,11 +7,11 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from dfc.analysis.null import NullCalibration, describe, judge
+from dfc.analysis.null import NullCalibration, NullVerdict, judge
 from dfc.analysis.ranking import RankingWeights
 from dfc.behaviour.divergence import RemovalScreen
 from workers.pipeline.status import AuditStatus, now
-from workers.report.checks import calibration_for, finding_statistics
+from workers.report.checks import calibration_for, finding_statistics, null_checks
 from workers.report.schema import (
     AlignmentSummary,
     AuditReport,
@@ -28,7 +28,6 @@ from workers.report.schema import (
     FeatureStats,
     Histogram,
     ModelInfo,
-    NullCheck,
     SharedFeature,
     SharedSummary,
     SteeringResult,
@@ -100,7 +99,7 @@ def _divergence(screen: dict[str, Any] | None) -> Divergence | None:
 
 
 def _checks(entry: dict[str, Any], record: dict[str, Any], steered: dict[str, Any] | None,
-            weights: RankingWeights, null: list[NullCheck] | None) -> FalsePositiveChecks:  # fmt: skip
+            weights: RankingWeights, null: NullVerdict | None) -> FalsePositiveChecks:  # fmt: skip
     """Latent Scaling and, when steering ran, the null-calibrated checks; ``passed`` needs both."""
     flags = []
     nu_eps, nu_r = entry["nu_eps"], entry["nu_r"]
@@ -123,33 +122,20 @@ def _checks(entry: dict[str, Any], record: dict[str, Any], steered: dict[str, An
     if steered is not None and steered["random_control"]["comparable"]:
         flags.append(f"a random direction of the same size changes the model about as much when steered "
                      f"(median KL ratio {steered['random_control']['median_ratio']:.2f})")  # fmt: skip
-    for check in null or []:
-        if check.passed is False:
-            flags.append(f"below the null: {check.text}")
+    rows = [] if null is None else null_checks(null)
+    flags.extend(f"below the null: {row.text}" for row in rows if row.passed is False)
     return FalsePositiveChecks(
         # Negative ratios (the other model anti-correlates) are as exclusive as 0; the schema keeps ν ≥ 0.
         nu_eps=None if nu_eps is None else max(0.0, nu_eps),
         nu_r=None if nu_r is None else max(0.0, nu_r),
         nu_eps_threshold=eps_max,
         nu_r_threshold=r_max,
-        passed=entry["passes_latent_scaling"] is True and (null is None or _null_passed(null)),
-        null_checks=null or [],
+        passed=entry["passes_latent_scaling"] is True and (null is None or null.passed),
+        null_checks=rows,
         nearest_shared_feature=record["nearest_shared"],
         nearest_shared_cosine=None if cosine is None else _clamp(cosine, -1.0, 1.0),
         flags=flags,
     )
-
-
-def _null_passed(null: list[NullCheck]) -> bool:
-    measured = [c for c in null if c.passed is not None]
-    return bool(measured) and all(c.passed for c in measured)
-
-
-def _null_checks(stats: Any, calibration: NullCalibration | None) -> list[NullCheck] | None:
-    if calibration is None or stats is None:
-        return None
-    return [NullCheck(name=o.name, value=o.value, threshold=o.threshold, percentile=o.percentile, passed=o.passed,
-                      text=describe(o)) for o in judge(stats, calibration).outcomes]  # fmt: skip
 
 
 def _explanation(entry: dict[str, Any] | None, explainer: str) -> Explanation | None:
@@ -187,7 +173,7 @@ def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any
             promoted_tokens=_tokens(promoted.get(str(f)), "top"),
             suppressed_tokens=_tokens(promoted.get(str(f)), "bottom"),
             checks=_checks(entry, record, steered.get(f), weights,
-                           _null_checks(null_stats.get(f), calibration if steer_side else None)),
+                           None if calibration is None or f not in null_stats else judge(null_stats[f], calibration)),
             steering=_steering_results(steered.get(f)), divergence=_divergence(screens.get(str(f))),
             explanation=_explanation(explained.get(str(f)), explainer),
         ))  # fmt: skip

@@ -9,7 +9,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from dfc.analysis.null import FindingStatistics, NullCalibration
+from dfc.analysis.null import FindingStatistics, NullCalibration, NullVerdict, describe
+from workers.report.schema import NullCheck
 
 BUILTIN = ("workers.report", "null_calibration.json")
 """The shipped calibration (package data), written by ``benchmarks/calibrate.py``."""
@@ -37,6 +38,12 @@ def finding_statistics(steer_side: dict[str, Any]) -> dict[int, FindingStatistic
 def audit_statistics(steering: dict[str, Any]) -> list[FindingStatistics]:
     """Every ranked feature of both models of one audit (``analysis/steering.json``): on a null pair, the null."""
     return [s for side in steering.get("sides", {}).values() for s in finding_statistics(side).values()]
+
+
+def null_checks(verdict: NullVerdict) -> list[NullCheck]:
+    """A finding's verdict against the null as the report's rows, each with its sentence."""
+    return [NullCheck(name=o.name, value=o.value, threshold=o.threshold, percentile=o.percentile, passed=o.passed,
+                      text=describe(o)) for o in verdict.outcomes]  # fmt: skip
 
 
 @cache

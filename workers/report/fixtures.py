@@ -12,7 +12,8 @@ import math
 import random
 from datetime import UTC, datetime, timedelta
 
-from dfc.analysis.null import FindingStatistics, NullCalibration, describe, judge
+from dfc.analysis.null import FindingStatistics, NullCalibration, NullVerdict, judge
+from workers.report.checks import null_checks
 from workers.report.schema import (
     AlignmentSummary,
     AuditReport,
@@ -29,7 +30,6 @@ from workers.report.schema import (
     FeatureStats,
     Histogram,
     ModelInfo,
-    NullCheck,
     Owner,
     SharedFeature,
     SharedSummary,
@@ -48,13 +48,12 @@ EXAMPLE_CALIBRATION = NullCalibration(
 """An invented null calibration, shaped like the shipped one."""
 
 
-def _null_checks(divergence: Divergence | None, specificity: float) -> list[NullCheck]:
+def _null_verdict(divergence: Divergence | None, specificity: float) -> NullVerdict:
     stats = FindingStatistics(
         None if divergence is None else divergence.nats, None if divergence is None else divergence.removal_kl,
         specificity, None,
     )
-    return [NullCheck(name=o.name, value=o.value, threshold=o.threshold, percentile=o.percentile, passed=o.passed,
-                      text=describe(o)) for o in judge(stats, EXAMPLE_CALIBRATION).outcomes]  # fmt: skip
+    return judge(stats, EXAMPLE_CALIBRATION)
 
 
 # A theme: (explanation, contexts with the marked token in [[…]], promoted tokens, suppressed tokens,
@@ -232,7 +231,7 @@ def _feature(rng: random.Random, owner: Owner, i: int, index: int, flagship: boo
     nats = round(sum(t.gain * (t.logprob_owner - t.logprob_other) for t in tokens), 4)
     divergence = Divergence(nats=nats, removal_kl=round(strength * rng.uniform(0.1, 0.3), 4), contexts=1,
                             tokens=tokens)  # fmt: skip
-    null_checks = _null_checks(divergence, rng.uniform(2.0, 6.0) if flagship else rng.uniform(0.8, 2.0))
+    verdict = _null_verdict(divergence, rng.uniform(2.0, 6.0) if flagship else rng.uniform(0.8, 2.0))
     # Named and weighted like dfc.analysis.ranking.rank_features: the Latent Scaling penalty is a negative weight.
     components = {
         "strength": round(max_act / 28.0, 4),
@@ -263,8 +262,8 @@ def _feature(rng: random.Random, owner: Owner, i: int, index: int, flagship: boo
                            for j, t in enumerate(suppressed)],
         checks=FalsePositiveChecks(
             nu_eps=nu_eps, nu_r=nu_r,
-            passed=nu_eps < 0.2 and nu_r < 0.5 and all(c.passed is not False for c in null_checks),
-            null_checks=null_checks, nearest_shared_feature=nearest, nearest_shared_cosine=cosine, flags=flags,
+            passed=nu_eps < 0.2 and nu_r < 0.5 and verdict.passed,
+            null_checks=null_checks(verdict), nearest_shared_feature=nearest, nearest_shared_cosine=cosine, flags=flags,
         ),
         steering=steering,
         divergence=divergence,

@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from workers.report.schema import AuditReport, FeatureReport, Owner
+from workers.spec import CHECK_STATISTICS
 
 _STYLE: dict[Owner, str] = {"A": "blue", "B": "dark_orange3"}
 SNIPPET_CHARS = 48
@@ -233,7 +234,7 @@ def checks_legend(report: AuditReport) -> list[str]:
     cal = report.checks_calibration
     if cal is None:
         return ["✓ = passes Latent Scaling (no null calibration in this report)"]
-    order = [n for n in ("divergence", "removal_kl", "specificity", "score") if n in cal.thresholds]
+    order = [n for n in CHECK_STATISTICS if n in cal.thresholds]
     parts = [f"{n.replace('_', ' ')} > {cal.thresholds[n]:.3g} (null p{cal.percentiles[n]:g})" for n in order]
     chance = sum(cal.passing_per_pair) / len(cal.passing_per_pair) if cal.passing_per_pair else 0.0
     worst = max(cal.passing_per_pair, default=0)

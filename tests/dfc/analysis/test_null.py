@@ -72,3 +72,11 @@ def test_the_comparison_reads_as_a_sentence():
     assert describe(CheckOutcome("divergence", 4.8, 0.2, 99, True)) == "divergence 4.8 nats; null 99th percentile 0.2"
     assert describe(CheckOutcome("removal_kl", None, 0.01, 50, None)).startswith("removal kl not measured; null 50th")
     assert "null 91st percentile" in describe(CheckOutcome("score", 0.5, 0.4, 91, True))
+
+
+def test_the_spec_names_the_same_check_statistics_as_the_science():
+    from dfc.analysis.null import STATISTICS
+    from workers.spec import CHECK_STATISTICS
+
+    # Named twice on purpose (the API reads specs without importing dfc): the two lists must not drift apart.
+    assert CHECK_STATISTICS == STATISTICS

@@ -461,15 +461,15 @@ def test_the_summary_says_what_a_check_mark_means_and_how_each_top_finding_compa
 
 
 def test_a_finding_below_the_null_fails_its_checks_and_says_which():
-    from dfc.analysis.null import FindingStatistics
+    from dfc.analysis.null import FindingStatistics, judge
     from dfc.analysis.ranking import RankingWeights
-    from workers.report.build import _checks, _null_checks
+    from workers.report.build import _checks
     from workers.report.fixtures import EXAMPLE_CALIBRATION
 
     entry = {"nu_eps": 0.1, "nu_r": 0.1, "passes_latent_scaling": True}
     record = {"nearest_shared_cosine": 0.1, "nearest_shared": 3, "contexts": [1, 2, 3]}
-    new = _null_checks(FindingStatistics(4.8, 0.5, 3.0, 1.0), EXAMPLE_CALIBRATION)
-    reencoding = _null_checks(FindingStatistics(0.01, 0.5, 3.0, 1.0), EXAMPLE_CALIBRATION)
+    new = judge(FindingStatistics(4.8, 0.5, 3.0, 1.0), EXAMPLE_CALIBRATION)
+    reencoding = judge(FindingStatistics(0.01, 0.5, 3.0, 1.0), EXAMPLE_CALIBRATION)
     assert _checks(entry, record, None, RankingWeights(), new).passed
     failed = _checks(entry, record, None, RankingWeights(), reencoding)
     assert not failed.passed
