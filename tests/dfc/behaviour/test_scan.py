@@ -1,0 +1,240 @@
+"""Behaviour-first scan (dfc/behaviour/scan.py): what one model says at aligned positions that the other would not,
+found without any dictionary feature, deduplicated by continuation and document, and attributed to vectors that
+carry it. Run on tiny random models with two kinds of tokenizer (byte-level BPE, metaspace BPE)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dfc.behaviour.scan import (
+    Prediction,
+    ScanDocument,
+    attach_contexts,
+    attribute,
+    divergent_contexts,
+    owner_predictions,
+    scan_documents,
+    score_exact,
+    screen_under_other,
+    select_for_exact,
+)
+from dfc.behaviour.steering import steer
+from dfc.lm.scoring import LOGPROB_FLOOR, continuation_logprob, score_text
+from tests.fixtures.tiny_models import TINY_CORPUS
+
+PLANTED = " capital"
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_models):
+    """Tiny Llama (byte-level BPE) and Mistral (metaspace BPE, sliding-window attention)."""
+    return {arch: load(tiny_models[arch]) for arch in ("llama", "mistral")}
+
+
+def run_scan(owner, other, texts, *, n: int, min_prob: float = 0.0, exact_owner: bool = False):
+    """The pipeline's order, one model at a time: predict, screen, choose, decode, score exactly."""
+    (om, ot), (xm, xt) = owner, other
+    docs = scan_documents(texts, ot, xt)
+    screened = screen_under_other(xm, xt, docs, owner_predictions(om, ot, docs, min_prob=min_prob))
+    scored = score_exact(xm, xt, attach_contexts(ot, docs, select_for_exact(screened, n)), as_owner=False)
+    return docs, screened, score_exact(om, ot, scored, as_owner=True) if exact_owner else scored
+
+
+@contextmanager
+def boosted(model, token: int, logit: float = 20.0) -> Iterator[None]:
+    """The model with ``logit`` added to one token's logit everywhere: it says that token whatever the context."""
+
+    def boost(_module, _args, output):
+        output = output.clone()
+        output[..., token] += logit
+        return output
+
+    handle = model.lm_head.register_forward_hook(boost)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_a_model_scanned_against_itself_has_no_gap_and_reports_nothing(pair):
+    model = pair["llama"]
+    _, screened, scored = run_scan(model, model, TINY_CORPUS[:4], n=30, exact_owner=True)
+    assert len(scored) == 30 and all(p.owner_exact for p in scored)
+    assert all(abs(p.gap) < 1e-6 for p in scored)
+    assert divergent_contexts(scored, max_entries=10) == []
+    # With its own token's log-probability as the owner side (one tokenization of the text) the gap errs low.
+    _, _, own_side = run_scan(model, model, TINY_CORPUS[:4], n=30)
+    assert all(p.gap < 1e-6 for p in own_side) and divergent_contexts(own_side) == []
+    # Screened at its own aligned positions (every content token), the first step covers the token itself.
+    assert all(p.owner_position == p.other_position for p in screened)
+    assert all(s >= math.log(pr) - 1e-5 for p in screened for s, pr in zip(p.screen_logprobs, p.probs, strict=True))
+
+
+def test_the_screen_never_falls_below_the_exact_scorers_direct_estimate(pair):
+    """Every tokenization starts with a token spelling the text or a prefix of it, so their summed probability
+    bounds the direct sum from above. The first token alone does not bound the exact score (other tokenizations
+    and token healing add mass), so the screen is only an estimate of it."""
+    (xm, xt) = pair["llama"]
+    docs, _, scored = run_scan(pair["mistral"], pair["llama"], TINY_CORPUS[:6], n=40)
+    checked = 0
+    for p in scored:
+        if xt(p.context)["input_ids"] != docs[p.doc].other_ids[: p.other_position + 1].tolist():
+            continue  # the scorer re-tokenises the context; the bound is for the same tokens
+        for text, screen, spells in zip(p.texts, p.screen_logprobs, p.other_spells, strict=True):
+            if text is not None and spells:
+                assert score_text(xm, xt, p.context, text).direct <= screen + 1e-6
+                checked += 1
+    assert checked >= 60
+
+
+def test_the_exact_gap_is_the_owner_weighted_log_probability_gap(pair):
+    ot, (xm, xt) = pair["mistral"][1], pair["llama"]
+    docs, _, scored = run_scan(pair["mistral"], pair["llama"], TINY_CORPUS[:5], n=12)
+    for p in scored:
+        ids = docs[p.doc].owner_ids[: p.owner_position + 1].tolist()
+        assert p.context == ot.decode(ids, skip_special_tokens=True)
+        # Without the owner pass the owner side is its own token's log-probability.
+        assert p.logprob_owner == pytest.approx([max(math.log(q), LOGPROB_FLOOR) for q in p.probs])
+        other = [continuation_logprob(xm, xt, p.context, t) for t in p.texts]
+        parts = zip(p.probs, p.logprob_owner, other, p.other_spells, strict=True)
+        expected = sum(q * (lo - lx) * spells for q, lo, lx, spells in parts)
+        assert p.gap == pytest.approx(expected, abs=1e-9)
+        assert p.rough_gap <= p.gap + 1e-6 or any(s < x for s, x in zip(p.screen_logprobs, other, strict=True))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_one_padded_forward_reads_each_document_as_if_it_ran_alone(pair, arch):
+    model, tok = pair[arch]
+    docs = scan_documents(TINY_CORPUS, tok, tok)
+    assert len({len(d.owner_ids) for d in docs}) > 3  # really padded
+    batched = owner_predictions(model, tok, docs, min_prob=0.0, batch_size=8)
+    alone = owner_predictions(model, tok, docs, min_prob=0.0, batch_size=1)
+    assert [(p.doc, p.owner_position, p.token_ids) for p in batched] == [
+        (p.doc, p.owner_position, p.token_ids) for p in alone
+    ]
+    for b, a in zip(batched, alone, strict=True):
+        assert b.probs == pytest.approx(a.probs, abs=1e-5)
+
+
+def scored_prediction(doc: int, position: int, text: str | None, gap: float, spells: bool = True) -> Prediction:
+    """A context whose most divergent text is ``text`` (gap ``gap``), beside a text both models agree on."""
+    return Prediction(doc, position, position, (1, 2), (text, " and"), (0.5, 0.5), (0.0, -1.0),
+                      context=f"doc {doc} at {position}", logprob_other=(-2 * gap, -1.0),
+                      other_spells=(spells, True))  # fmt: skip
+
+
+def test_contexts_group_by_text_keep_one_per_document_and_sum_their_gaps():
+    predictions = [
+        scored_prediction(0, 3, " yes", 2.0),
+        scored_prediction(0, 7, " Yes", 1.0),  # same group and document as the one above, smaller gap
+        scored_prediction(1, 2, "yes ", 3.0),
+        scored_prediction(2, 5, " no", 4.5),
+        scored_prediction(3, 1, " yes", -1.0),  # the other model prefers it: never reported
+        scored_prediction(4, 4, None, 0.5),
+        scored_prediction(5, 9, " Yes", 9.0, spells=False),  # unreadable by the other tokenizer: no gap
+    ]
+    assert predictions[-1].gap == 0.0
+    entries = divergent_contexts(predictions, max_entries=10)
+    assert [(e.text, e.score) for e in entries] == [("yes ", 5.0), (" no", 4.5), (None, 0.5)]
+    yes = entries[0]
+    assert (yes.n_documents, yes.n_occurrences, yes.gap, yes.prediction.doc) == (2, 3, 3.0, 1)
+    assert [(e.doc, e.owner_position, e.gap) for e in yes.examples] == [(0, 3, 2.0)]
+    assert (yes.prob_owner, yes.logprob_owner, yes.logprob_other) == (0.5, 0.0, -6.0)
+    assert len(divergent_contexts(predictions, max_entries=2)) == 2
+
+
+def test_a_word_the_owner_always_says_is_found_across_tokenizers(pair):
+    (om, ot), other = pair["mistral"], pair["llama"]
+    token = ot.convert_tokens_to_ids("▁capital")
+    with boosted(om, token):
+        _, _, scored = run_scan(pair["mistral"], other, TINY_CORPUS, n=20, min_prob=0.05)
+    entries = divergent_contexts(scored, max_entries=5)
+    assert len(entries) == 1  # every context says the planted word first
+    top = entries[0]
+    assert top.text == PLANTED and top.prob_owner > 0.99
+    assert top.logprob_other < top.logprob_owner - 3 and top.gap > 3
+    best = {p.doc: max(q.gap for q in scored if q.doc == p.doc) for p in scored}
+    assert (top.n_occurrences, top.n_documents) == (20, len(best)) and len(best) > 1
+    assert top.score == pytest.approx(sum(best.values())) and top.gap == max(best.values())
+    # Unplanted, the owner is never that sure of anything: nothing reaches the exact score.
+    _, quiet, _ = run_scan(pair["mistral"], other, TINY_CORPUS, n=20, min_prob=0.05)
+    assert quiet == []
+
+
+@pytest.fixture(scope="module")
+def peaked(tiny_models):
+    """A Llama with trained-model-like peaked next-token distributions (large logit scale), its own copy."""
+    model, tok = load(tiny_models["llama"])
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    return model, tok
+
+
+def test_removing_the_planted_direction_closes_the_gap_and_random_directions_do_not(peaked):
+    model, tok = peaked
+    layer = 3
+    token = tok.convert_tokens_to_ids("Ġcapital")
+    unembed = model.lm_head.weight[token].detach()
+    planted = 2.0 * unembed / unembed.norm()
+    generator = torch.Generator().manual_seed(0)
+    randoms = [torch.randn(planted.shape, generator=generator) for _ in range(4)]
+    candidates = [("planted", planted), ("zero", torch.zeros_like(planted))]
+    candidates += [(f"random {i}", 2.0 * r / r.norm()) for i, r in enumerate(randoms)]
+    with steer(model, layer, planted, 1.0):  # the owner: the same model, with the direction added everywhere
+        docs = scan_documents(TINY_CORPUS[:4], tok, tok)
+        predictions = owner_predictions(model, tok, docs)
+    screened = screen_under_other(model, tok, docs, predictions)
+    scored = score_exact(model, tok, attach_contexts(tok, docs, select_for_exact(screened, 8)), as_owner=False)
+    top = divergent_contexts(scored, max_entries=1)[0]
+    assert top.text == PLANTED and top.gap > 3
+    p = top.prediction
+    with steer(model, layer, planted, 1.0):
+        found = attribute(model, tok, layer, top, candidates,
+                          context_ids=docs[p.doc].owner_ids[: p.owner_position + 1], batch_size=4)  # fmt: skip
+    closes = {a.key: a.closes for a in found}
+    assert found[0].key == "planted" and closes["planted"] > 0.5
+    assert closes["zero"] == pytest.approx(0.0, abs=1e-5)
+    assert all(abs(closes[f"random {i}"]) < 0.5 * closes["planted"] for i in range(4))
+    assert found[0].gap_before == pytest.approx(top.gap, rel=1e-4)
+
+
+def test_results_serialise_to_json_and_predictions_round_trip(pair):
+    model, tok = pair["mistral"]
+    token = tok.convert_tokens_to_ids("▁capital")
+    with boosted(model, token):
+        _, _, scored = run_scan(pair["mistral"], pair["llama"], TINY_CORPUS[:3], n=4, min_prob=0.05)
+        top = divergent_contexts(scored)[0]
+        found = attribute(model, tok, 1, top, [(7, torch.randn(model.config.hidden_size))])
+    for p in scored:
+        assert Prediction.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    data = json.loads(json.dumps(top.to_dict()))
+    assert data["text"] == PLANTED and data["prediction"]["gap"] == pytest.approx(top.gap)
+    assert json.loads(json.dumps(found[0].to_dict()))["key"] == 7
+
+
+def test_each_stage_says_which_stage_must_run_first(pair):
+    model, tok = pair["llama"]
+    docs = scan_documents(TINY_CORPUS[:2], tok, tok)
+    predictions = owner_predictions(model, tok, docs, min_prob=0.0)
+    with pytest.raises(ValueError, match="screen_under_other"):
+        select_for_exact(predictions, 3)
+    with pytest.raises(ValueError, match="attach_contexts"):
+        score_exact(model, tok, predictions[:1], as_owner=False)
+    bad = ScanDocument(0, docs[0].owner_ids, docs[0].other_ids, torch.tensor([[0, 99]]))
+    with pytest.raises(ValueError, match="outside"):
+        owner_predictions(model, tok, [bad])
+    scored = score_exact(model, tok, attach_contexts(tok, docs, predictions[:1]), as_owner=True)
+    scored = score_exact(model, tok, scored, as_owner=False)
+    with pytest.raises(ValueError, match="positive gap"):
+        attribute(model, tok, 0, scored[0], [("x", torch.zeros(model.config.hidden_size))])
