@@ -37,6 +37,9 @@ class RankingWeights:
     """Weight of the behavioural divergence from the other model (``dfc.behaviour.divergence``: how much the feature
     moves its model toward text the other would not write), normalised by the largest; negative or unmeasured → 0.
     The heaviest weight: it is what separates a new behaviour from a new encoding of a shared one."""
+    stability: float = 1.0
+    """Weight of a finding's stability across crosscoder seeds (``dfc.analysis.stability``: the share of seeds whose
+    dictionary has it); features of a one-seed audit have none and get 0."""
     latent_scaling_penalty: float = 1.0
     """Subtracted from the score of a feature that fails the "truly exclusive" Latent Scaling test."""
     nu_eps_max: float = 0.2
@@ -82,6 +85,8 @@ class RankedFeature:
     """The ``ν_ε`` threshold this feature was held to (None: Latent Scaling not computed)."""
     nu_r_max: float | None = None
     """The ``ν_r`` threshold it was held to (None: not tested, or not computed)."""
+    stability: float | None = None
+    """Share of the ensemble's seeds that have this feature (None: one seed, not measured)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,14 +142,17 @@ def rank_features(
     latent_scaling: LatentScaling | None = None,
     steering_effect: Mapping[int, float] | None = None,
     divergence: Mapping[int, float] | None = None,
+    stability: Mapping[int, float] | None = None,
     weights: RankingWeights = RankingWeights(),
 ) -> FeatureRanking:
     """Score and sort ``features``; each result carries its score and every component.
 
-    ``score = w_s·strength + w_f·frequency + w_st·steering + w_d·divergence − w_ls·[fails Latent Scaling]``,
+    ``score = w_s·strength + w_f·frequency + w_st·steering + w_d·divergence + w_sb·stability
+    − w_ls·[fails Latent Scaling]``,
     where strength is the max (or mean) activation over the strongest candidate's, frequency is log-scaled
     between ``frequency_floor`` and 1, steering is a magnitude (e.g. next-token KL when removed) over the
     largest one measured, and divergence (``dfc.behaviour.divergence``, nats) is its positive part over the largest.
+    Stability (a share of seeds, already in [0, 1]) counts only for features given one.
     Latent Scaling passes when ``ν_ε`` and ``ν_r`` are below the thresholds ``RankingWeights.thresholds`` gives
     the feature (same-space or cross-space); a feature with no ``ν_ε`` (or a non-finite one) is neither
     penalised nor passed. Features that never fired come last whatever their score: there is nothing to show an
@@ -182,6 +190,7 @@ def rank_features(
             + weights.frequency * float(frequency[i])
             + weights.steering * (steer or 0.0)
             + weights.divergence * (div or 0.0)
+            + weights.stability * (_lookup(stability, f) or 0.0)
             - weights.latent_scaling_penalty * (passes is False)
         )
         parts = {
@@ -189,6 +198,7 @@ def rank_features(
             "divergence": div, "divergence_nats": diverging.get(f),
             "passes_latent_scaling": passes, "nu_eps": nu_eps, "nu_r": nu_r,
             "nu_eps_max": eps_max if nu_eps is not None else None, "nu_r_max": r_max if nu_eps is not None else None,
+            "stability": _lookup(stability, f),
         }  # fmt: skip
         scored.append((not fired, -score, f, parts))
     scored.sort(key=lambda item: item[:3])  # ties by feature index keep the order deterministic
