@@ -149,7 +149,21 @@ class TrainingSpec(_Strict):
     checkpoint_every: int = Field(
         1000, ge=0, le=10_000_000, description="Steps between checkpoints in storage (0: only at the end)."
     )
-    num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs for the training actor.")
+    num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs for each training actor (one actor per seed).")
+    seeds: int = Field(
+        3,
+        ge=1,
+        le=16,
+        description="Crosscoders trained on the same activations with seeds seed, seed+1, …, in parallel actors; "
+        "their findings are matched and each gets a stability, the share of seeds that have it (1: no ensemble).",
+    )
+    match_threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Decoder cosine at or above which features of two seeds count as one (the chance level of a "
+        "match at the models' widths, measured per audit, is a floor under it).",
+    )
 
 
 class TransferSpec(_Strict):
@@ -223,6 +237,26 @@ class SteeringSpec(_Strict):
         return value
 
 
+class ScanSpec(_Strict):
+    """The behaviour-first scan: contexts where one model says what the other would not (SCIENCE.md §11)."""
+
+    enabled: bool = Field(True, description="Run the scan (both directions: B against A and A against B).")
+    top_k: int = Field(3, ge=1, le=20, description="Each model's most likely next tokens read per context.")
+    min_prob: float = Field(
+        0.05, ge=0.0, le=1.0, description="Next tokens the owner gives less probability than this are not read."
+    )
+    contexts: int = Field(
+        256, ge=1, le=100_000, description="Contexts per direction scored exactly (the rest are screened cheaply)."
+    )
+    documents: int | None = Field(
+        None, ge=1, le=10_000_000, description="Documents of the analysed text screened; null: all of them."
+    )
+    report: int = Field(20, ge=1, le=1000, description="Divergent contexts reported per direction, deduplicated.")
+    attribute: int = Field(
+        10, ge=0, le=1000, description="Of those, how many are attributed to the features whose removal closes them."
+    )
+
+
 class ExplainSpec(_Strict):
     """Optional LLM explanations of the top features, judged by a detection score (SCIENCE.md §6).
 
@@ -250,6 +284,9 @@ class RankingWeights(_Strict):
         2.0,
         description="Weight of the behavioural divergence from the other model (how much the feature moves its "
         "model toward text the other would not write; measured in the steering stage).",
+    )
+    stability: Weight = Field(
+        1.0, description="Weight of a finding's stability, the share of crosscoder seeds that have it (ensembles)."
     )
     nu_eps_max: Threshold = Field(
         0.2, description="Latent Scaling ν_ε threshold where the other model has a decoder (paper: 0.2)."
@@ -282,6 +319,10 @@ class NullCalibrationSpec(_Strict):
         default_factory=list, description="Per null pair, its features that pass every check (chance findings)."
     )
     source: str = Field("", max_length=2000, description="Where the calibration came from, for the report.")
+    scan_score: float | None = Field(
+        None, ge=0, le=1e9, description="Behaviour-first scan: score (summed gap, nats) an entry must be above."
+    )
+    scan_percentile: float | None = Field(None, ge=0, le=100, description="The null percentile scan_score is.")
 
     @model_validator(mode="after")
     def _known_statistics(self) -> NullCalibrationSpec:
@@ -324,6 +365,7 @@ class AuditSpec(_Strict):
     ranking: RankingWeights = Field(default_factory=RankingWeights, description="Feature-ranking weights.")
     checks: ChecksSpec = Field(default_factory=ChecksSpec, description="False-positive checks and their calibration.")
     explain: ExplainSpec = Field(default_factory=ExplainSpec, description="Optional LLM explanations (off).")
+    scan: ScanSpec = Field(default_factory=ScanSpec, description="The behaviour-first scan (divergent contexts).")
     top_features: int = Field(50, ge=1, le=5000, description="Features per model analysed in depth and reported.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation and data order.")
     labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels echoed in the report.")

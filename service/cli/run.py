@@ -45,7 +45,11 @@ def _detail(state: AuditState, counters: dict[str, float]) -> str:
         text = f"step {c('training_step', 0):,.0f}"
         if "loss" in counters:
             text += f" · loss {c('loss', 0):.3g} · FVE {c('fve_a', 0):.2f}/{c('fve_b', 0):.2f}"
+        if c("training_seeds_done", 0):
+            text += f" · {c('training_seeds_done', 0):,.0f} seed(s) done"
         return text
+    if state is AuditState.SCANNING and "contexts_screened" in counters:
+        return f"{c('contexts_screened', 0):,.0f} contexts screened · {c('contexts_scored', 0):,.0f} scored"
     if state is AuditState.EXPLAINING and "explained" in counters:
         return f"{c('explained', 0):,.0f} features explained · {c('explainer_requests', 0):,.0f} requests"
     return ""

@@ -22,6 +22,7 @@ STAGE_NAMES = {
     AuditState.TRAINING: "train",
     AuditState.ANALYSING: "analyse",
     AuditState.STEERING: "steer",
+    AuditState.SCANNING: "scan",
     AuditState.EXPLAINING: "explain",
     AuditState.PUBLISHING: "publish",
 }

@@ -24,7 +24,7 @@ from workers.report.schema import AuditReport
 pytestmark = pytest.mark.slow
 
 FINISHED = {"succeeded", "failed", "cancelled"}
-RUNNING = {"extracting", "aligning", "training", "analysing", "steering", "explaining", "publishing"}
+RUNNING = {"extracting", "aligning", "training", "analysing", "steering", "scanning", "explaining", "publishing"}
 AUDIT_TIMEOUT_S = 180.0
 CRASH_STEPS = 400
 """Training steps of the audit crashed in training: enough to be caught there, few enough to finish soon after."""

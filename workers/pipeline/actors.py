@@ -82,6 +82,11 @@ def started_local_ray() -> bool:
     return _local_instance
 
 
+def cluster_totals() -> dict[str, float]:
+    """The Ray cluster's total resources (what a placement group could ever get, busy or not)."""
+    return {name: float(value) for name, value in ray.cluster_resources().items()}
+
+
 def actor_name(audit_id: str, role: str, attempt: int) -> str:
     """The Ray name of one of an audit's actors; the attempt keeps a quick retry clear of a dying predecessor."""
     return f"dfc-{audit_id}-{role}-{attempt}"

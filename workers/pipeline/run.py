@@ -1,12 +1,12 @@
-"""The audit pipeline: seven stages run in order on Ray by one driver, the only writer of the audit's status.json.
+"""The audit pipeline: eight stages run in order on Ray by one driver, the only writer of the audit's status.json.
 
-extract → align → train → analyse → steer → explain → publish. Each stage writes its outputs, then its manifest
+extract → align → train → analyse → steer → scan → explain → publish. Each stage writes its outputs, then its manifest
 ``audits/{id}/stages/{stage}.json``; a stage whose manifest exists is skipped, so a crashed or cancelled audit
 resumes where it stopped and nothing is computed twice. Stage names key the manifests and
 ``StageContext.outputs``; status.json speaks in states (``extracting``…), ``stage_seconds`` included.
 The first three stages are in ``workers/pipeline/stages.py``; analyse and publish in ``workers/analysis/analyse.py``,
-steer in ``workers/analysis/steer.py`` and explain (optional LLM explanations) in ``workers/analysis/explain.py``,
-imported when they run.
+steer in ``workers/analysis/steer.py``, scan (the behaviour-first scan) in ``workers/analysis/scan.py`` and
+explain (optional LLM explanations) in ``workers/analysis/explain.py``, imported when they run.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage("train", AuditState.TRAINING, train_stage),
     Stage("analyse", AuditState.ANALYSING, _deferred("analyse_stage")),
     Stage("steer", AuditState.STEERING, _deferred("steer_stage", "workers.analysis.steer")),
+    Stage("scan", AuditState.SCANNING, _deferred("scan_stage", "workers.analysis.scan")),
     Stage("explain", AuditState.EXPLAINING, _deferred("explain_stage", "workers.analysis.explain")),
     Stage("publish", AuditState.PUBLISHING, _deferred("publish_stage")),
 )

@@ -18,7 +18,7 @@ from dfc.trainer import TrainConfig
 from workers.activations.extract import ExtractionRequest
 from workers.pipeline import actors
 from workers.pipeline.context import AuditCancelled, StageContext
-from workers.pipeline.training import TrainingJob
+from workers.pipeline.training import TrainingJob, outcome_key
 from workers.spec import AuditSpec, ModelRef
 
 PLACEMENT_TIMEOUT_S = float(os.environ.get("DFC_PLACEMENT_TIMEOUT_S", "600"))
@@ -126,8 +126,23 @@ def align_stage(ctx: StageContext) -> dict[str, Any]:
     return result
 
 
+def run_prefix(ctx: StageContext, run: int) -> str:
+    """Where run ``run`` of the seed ensemble keeps its checkpoints and final weights (one seed: ``crosscoder``)."""
+    return ctx.key("crosscoder") if ctx.spec.training.seeds == 1 else ctx.key(f"crosscoder/seed-{run}")
+
+
+def _parallel_runs(num_gpus: float, wanted: int) -> int:
+    """How many training actors the cluster can hold at once (one CPU, and ``num_gpus``, each)."""
+    total = actors.cluster_totals()
+    fit = int(total.get("CPU", 1.0) // 1.0)
+    if num_gpus > 0:
+        fit = min(fit, int(total.get("GPU", 0.0) // num_gpus))
+    return max(1, min(wanted, fit))
+
+
 def train_stage(ctx: StageContext) -> dict[str, Any]:
-    """Train the crosscoder in an actor on ``spec.training.num_gpus``, checkpointing to and resuming from storage."""
+    """Train ``training.seeds`` crosscoders on the same pairs, as many at once as the cluster holds (one actor each,
+    on ``training.num_gpus``), each checkpointing to and resuming from storage; finished seeds are kept on resume."""
     spec, extracted, aligned = ctx.spec, ctx.outputs["extract"], ctx.outputs["align"]
     d_a, d_b = extracted["a"]["d_model"], extracted["b"]["d_model"]
     resolved = spec.resolve(d_a, d_b, aligned["n_train"])
@@ -154,57 +169,84 @@ def train_stage(ctx: StageContext) -> dict[str, Any]:
         device="cuda" if t.num_gpus > 0 else "cpu",
         checkpoint_every=t.checkpoint_every,
     )
-    job = TrainingJob(
-        prefix_a=extracted["a"]["prefix"],
-        prefix_b=extracted["b"]["prefix"],
-        train_key=aligned["train_key"],
-        n_train=aligned["n_train"],
-        heldout_key=aligned["heldout_key"],
-        n_heldout=aligned["n_heldout"],
-        out_prefix=ctx.key("crosscoder"),
-        model=model,
-        train=recipe,
-        batch_size=t.batch_size,
-        seed=spec.seed,
-        scratch_dir=str(ctx.work_dir / "train"),
-    )
-    group = actors.reserve(
-        [_bundle(1.0, t.num_gpus)],
-        what="the training actor",
-        timeout_s=PLACEMENT_TIMEOUT_S,
-        check_cancelled=ctx.check_cancelled,
-        fail_fast=actors.started_local_ray(),
-    )
-    worker = {"train": None}
-    try:
-        worker["train"] = actors.TrainingActor.options(
-            name=actors.actor_name(ctx.audit_id, "train", ctx.attempt),
-            num_cpus=1,
-            num_gpus=t.num_gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
-        ).remote(ctx.store_url, ctx.store_settings, 1)
-
-        def on_progress(latest: dict[str, dict[str, float]]) -> None:
-            step = latest.get("train", {})
-            if step:
-                counters = {k: v for k, v in step.items() if k != "step"}
-                ctx.report_progress(step["step"] / resolved.steps, training_step=step["step"], **counters)
-
-        outcome = actors.wait_all(
-            {"train": worker["train"].run.remote(job)},
-            labels={"train": "training the crosscoder"},
+    jobs = [
+        TrainingJob(
+            prefix_a=extracted["a"]["prefix"],
+            prefix_b=extracted["b"]["prefix"],
+            train_key=aligned["train_key"],
+            n_train=aligned["n_train"],
+            heldout_key=aligned["heldout_key"],
+            n_heldout=aligned["n_heldout"],
+            out_prefix=run_prefix(ctx, run),
+            model=model,
+            train=dataclasses.replace(recipe, seed=spec.seed + run),
+            batch_size=t.batch_size,
+            seed=spec.seed + run,
+            scratch_dir=str(ctx.work_dir / "train" / f"seed-{run}"),
+        )
+        for run in range(t.seeds)
+    ]
+    outcomes: dict[int, dict[str, Any]] = {}
+    for run, job in enumerate(jobs):  # a resumed audit keeps the seeds that finished
+        if ctx.store.exists(outcome_key(job.out_prefix)):
+            outcomes[run] = ctx.store.get_json(outcome_key(job.out_prefix))
+    pending = [run for run in range(t.seeds) if run not in outcomes]
+    parallel = _parallel_runs(t.num_gpus, len(pending))
+    group = (
+        actors.reserve(
+            [_bundle(1.0, t.num_gpus)] * parallel,
+            what=f"{parallel} training actor{'s' if parallel > 1 else ''}",
+            timeout_s=PLACEMENT_TIMEOUT_S,
             check_cancelled=ctx.check_cancelled,
-            actors=worker,
-            on_progress=on_progress,
-        )["train"]
+            fail_fast=actors.started_local_ray(),
+        )
+        if pending
+        else None
+    )
+    workers: dict[str, Any] = {}
+    try:
+        for slot in range(parallel if pending else 0):
+            workers[f"train-{slot}"] = actors.TrainingActor.options(
+                name=actors.actor_name(ctx.audit_id, f"train-{slot}", ctx.attempt),
+                num_cpus=1,
+                num_gpus=t.num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=slot),
+            ).remote(ctx.store_url, ctx.store_settings, 1)
+        total_steps = resolved.steps * t.seeds
+        for start in range(0, len(pending), parallel):  # waves of at most `parallel` seeds, one per actor
+            wave = pending[start : start + parallel]
+            running = {f"train-{slot}": run for slot, run in enumerate(wave)}
+
+            def on_progress(latest: dict[str, dict[str, float]], running: dict[str, int] = running) -> None:
+                steps = {running[name]: step["step"] for name, step in latest.items() if step and name in running}
+                if not steps:
+                    return
+                done = sum(int(o["steps"]) for o in outcomes.values()) + sum(steps.values())
+                first = latest[min(name for name in latest if name in running and latest[name])]
+                counters = {k: v for k, v in first.items() if k != "step"}  # the first running seed's losses
+                ctx.report_progress(done / total_steps, training_step=min(steps.values()),
+                                    training_seeds_done=len(outcomes), **counters)  # fmt: skip
+
+            results = actors.wait_all(
+                {name: workers[name].run.remote(jobs[run]) for name, run in running.items()},
+                labels={name: f"training the crosscoder of seed {spec.seed + run}" for name, run in running.items()},
+                check_cancelled=ctx.check_cancelled,
+                actors={name: workers[name] for name in running},
+                on_progress=on_progress,
+            )
+            outcomes.update({running[name]: outcome for name, outcome in results.items()})
     finally:
-        actors.stop({k: v for k, v in worker.items() if v is not None})
-        remove_placement_group(group)
-    heldout = outcome["heldout"]
+        actors.stop(workers)
+        if group is not None:
+            remove_placement_group(group)
+    runs = [{"run": run, "seed": spec.seed + run, **outcomes[run]} for run in range(t.seeds)]
+    first = runs[0]
+    heldout = first["heldout"]
     ctx.report_progress(
         1.0,
         force=True,
-        training_step=outcome["steps"],
+        training_step=first["steps"],
+        training_seeds_done=len(runs),
         heldout_fve_a=heldout["fve_a"],
         heldout_fve_b=heldout["fve_b"],
         heldout_l0=heldout["l0"],
@@ -217,7 +259,7 @@ def train_stage(ctx: StageContext) -> dict[str, Any]:
         "n_shared": model.n_shared,
         "batch_size": t.batch_size,
         "lr": t.lr,
-        "seed": spec.seed,
         "device": recipe.device,
-        **outcome,
+        **{k: v for k, v in first.items() if k != "run"},  # the first seed's outcome, as a one-seed audit records it
+        "runs": runs,
     }

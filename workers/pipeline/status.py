@@ -28,6 +28,7 @@ class AuditState(StrEnum):
     TRAINING = "training"
     ANALYSING = "analysing"
     STEERING = "steering"
+    SCANNING = "scanning"
     EXPLAINING = "explaining"
     PUBLISHING = "publishing"
     SUCCEEDED = "succeeded"
@@ -45,6 +46,7 @@ STAGES: tuple[AuditState, ...] = (
     AuditState.TRAINING,
     AuditState.ANALYSING,
     AuditState.STEERING,
+    AuditState.SCANNING,
     AuditState.EXPLAINING,
     AuditState.PUBLISHING,
 )
@@ -95,9 +97,10 @@ class AuditStatus(BaseModel):
 _WEIGHTS = {
     AuditState.EXTRACTING: 0.35,
     AuditState.ALIGNING: 0.05,
-    AuditState.TRAINING: 0.40,
-    AuditState.ANALYSING: 0.10,
+    AuditState.TRAINING: 0.37,
+    AuditState.ANALYSING: 0.08,
     AuditState.STEERING: 0.07,
+    AuditState.SCANNING: 0.05,
     AuditState.EXPLAINING: 0.01,
     AuditState.PUBLISHING: 0.02,
 }

@@ -128,6 +128,11 @@ class TrainingOutcome:
         return asdict(self)
 
 
+def outcome_key(out_prefix: str) -> str:
+    """Where a finished run records its outcome: its presence means the run's final weights are complete."""
+    return f"{out_prefix.rstrip('/')}/outcome.json"
+
+
 def upload_checkpoint(store: ObjectStore, local: Path, prefix: str) -> int:
     """Copy a trainer checkpoint folder to ``prefix/step-N/`` and point ``latest.json`` at it; return N."""
     step = int(json.loads((local / "trainer.json").read_text())["step"])
@@ -222,7 +227,7 @@ def run_training(
     )
     ev = evaluate(model, heldout, max_batches=job.eval_batches)
     history = result.history
-    return TrainingOutcome(
+    outcome = TrainingOutcome(
         final_prefix=final_prefix,
         steps=result.steps,
         tokens=result.tokens,
@@ -240,4 +245,6 @@ def run_training(
         },
         loss_curve=_curve(history, job.train.steps),
     )
+    store.put_json(outcome_key(job.out_prefix), outcome.to_dict())  # last: the run is complete
+    return outcome
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import ray
+import torch
 
 from dfc.crosscoder import Crosscoder
 from service.cli.main import build_parser
@@ -165,7 +166,9 @@ def test_cancelling_during_training_stops_promptly_and_a_rerun_resumes_from_the_
 ):
     store = LocalStore(shared_folder)
     audits = AuditStore(store)
-    audit_id = audits.create(make_spec(tiny_models, steps=500)).id
+    # One seed: what resumes is a checkpoint (an ensemble's finished seeds are kept whole: the next test).
+    training = {"steps": 500, "batch_size": 128, "lr": 3e-3, "checkpoint_every": 20, "seeds": 1}
+    audit_id = audits.create(make_spec(tiny_models, training=training)).id
     thread, out = run_in_thread(audit_id, str(shared_folder), stop_after="train")
     checkpoint = f"audits/{audit_id}/crosscoder/checkpoint/latest.json"
     wait_for(lambda: audits.status(audit_id).counters.get("training_step", 0) >= 60 and store.exists(checkpoint))
@@ -182,6 +185,42 @@ def test_cancelling_during_training_stops_promptly_and_a_rerun_resumes_from_the_
     trained = store.get_json(f"audits/{audit_id}/stages/train.json")
     assert resumed.error is None and resumed.attempts == 2
     assert trained["resumed_from_step"] >= 20 and trained["steps"] == 500
+
+
+def test_an_ensemble_trains_each_seed_once_and_a_rerun_keeps_the_seeds_that_finished(
+    local_ray, tiny_models, tmp_path
+):
+    store = LocalStore(tmp_path / "bucket")
+    audits = AuditStore(store)
+    training = {"steps": STEPS, "batch_size": 128, "lr": 3e-3, "checkpoint_every": 0, "seeds": 3}
+    audit_id = audits.create(make_spec(tiny_models, training=training, seed=7)).id
+
+    status = run_audit(audit_id, str(tmp_path / "bucket"), stop_after="train")
+
+    assert status.error is None and status.counters["training_seeds_done"] == 3
+    trained = store.get_json(f"audits/{audit_id}/stages/train.json")
+    runs = trained["runs"]
+    assert [(r["run"], r["seed"]) for r in runs] == [(0, 7), (1, 8), (2, 9)]
+    assert len({r["final_prefix"] for r in runs}) == 3 and trained["final_prefix"] == runs[0]["final_prefix"]
+    weights = []
+    for r in runs:
+        for name in ("model.safetensors", "config.json"):
+            store.download_file(f"{r['final_prefix']}/{name}", tmp_path / f"run{r['run']}" / name)
+        weights.append(Crosscoder.from_pretrained(tmp_path / f"run{r['run']}").w_dec_b.detach())
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])  # different seeds
+
+    # A crash after seeds 0 and 2 finished but before seed 1 recorded its outcome and the stage its manifest.
+    outcome = {r["run"]: f"audits/{audit_id}/crosscoder/seed-{r['run']}/outcome.json" for r in runs}
+    kept = {run: store.get_bytes(outcome[run]) for run in (0, 2)}
+    store.delete(f"audits/{audit_id}/stages/train.json")
+    store.delete(outcome[1])
+    again = run_audit(audit_id, str(tmp_path / "bucket"), stop_after="train")
+
+    assert again.error is None and again.attempts == 2
+    assert {run: store.get_bytes(outcome[run]) for run in (0, 2)} == kept  # finished seeds were not trained again
+    rerun = store.get_json(f"audits/{audit_id}/stages/train.json")
+    assert rerun["runs"][0] == runs[0] and rerun["runs"][2] == runs[2]
+    assert rerun["runs"][1]["resumed_from_step"] == STEPS  # seed 1 resumed from its stored final checkpoint
 
 
 def test_a_killed_extraction_actor_is_restarted_by_ray_and_resumes_from_its_committed_shards(
@@ -251,7 +290,7 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, list[str
     monkeypatch.setattr(pipeline, "STAGE_TABLE", stages_)
 
 
-def test_the_driver_runs_the_seven_stages_in_order_and_records_where_the_report_is(
+def test_the_driver_runs_the_eight_stages_in_order_and_records_where_the_report_is(
     local_ray, tiny_models, tmp_path, monkeypatch
 ):
     store = LocalStore(tmp_path / "bucket")
@@ -287,7 +326,7 @@ def test_a_failing_later_stage_fails_the_audit_and_a_rerun_resumes_at_that_stage
     calls.clear()
     fake_stages(monkeypatch, calls)
     resumed = run_audit(audit_id, str(tmp_path / "bucket"))
-    assert [name for name, _ in calls] == ["analyse", "steer", "explain", "publish"]
+    assert [name for name, _ in calls] == ["analyse", "steer", "scan", "explain", "publish"]
     assert resumed.state is AuditState.SUCCEEDED and resumed.error is None and resumed.attempts == 2
 
 
