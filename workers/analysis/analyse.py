@@ -9,7 +9,7 @@ ranking of the features exclusive to each model, plus a summary of the shared on
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,18 +22,24 @@ from dfc.analysis.features import (
     scan_features,
 )
 from dfc.analysis.ranking import FeatureRanking, RankedFeature, RankingWeights, rank_features
+from dfc.analysis.stability import chance_threshold, cluster_findings, decoder_matrix
 from dfc.config import Architecture
 from dfc.crosscoder import Crosscoder
 from dfc.metrics import latent_scaling
 from workers.analysis.data import (
     AnalysedPairs,
     OrderedPairs,
+    TrainedRun,
     architecture_name,
+    candidates_from_json,
     candidates_to_json,
-    load_crosscoder,
+    feature_key,
+    load_runs,
     load_tokenizer,
     locate_tokens,
+    merge_candidates,
     select_pairs,
+    split_key,
 )
 from workers.pipeline.context import StageContext
 from workers.report.build import build_report
@@ -68,8 +74,8 @@ def dfc_weights(w: SpecRankingWeights) -> RankingWeights:
     """An audit spec's ``ranking`` section in the science library's terms."""
     return RankingWeights(
         strength=w.strength, frequency=w.frequency, steering=w.steering, divergence=w.divergence,
-        latent_scaling_penalty=w.false_positive_penalty, nu_eps_max=w.nu_eps_max, nu_r_max=w.nu_r_max,
-        nu_eps_max_cross=w.nu_eps_max_cross, nu_r_max_cross=w.nu_r_max_cross,
+        stability=w.stability, latent_scaling_penalty=w.false_positive_penalty, nu_eps_max=w.nu_eps_max,
+        nu_r_max=w.nu_r_max, nu_eps_max_cross=w.nu_eps_max_cross, nu_r_max_cross=w.nu_r_max_cross,
     )  # fmt: skip
 
 
@@ -89,6 +95,8 @@ def ranked_json(entry: RankedFeature, weights: RankingWeights) -> dict[str, Any]
         "divergence": weights.divergence,
         "fails_latent_scaling": -weights.latent_scaling_penalty,
     }
+    if entry.stability is not None:  # an ensemble's finding: the share of seeds that have it counts too
+        components["stability"], weight["stability"] = entry.stability, weights.stability
     return {**entry.to_dict(), "components": components, "weights": weight}
 
 
@@ -173,32 +181,119 @@ class _Texts:
                 "token": rec.token, "suffix": rec.suffix, "activation": rec.activation}  # fmt: skip
 
 
-def _feature_records(cc: Crosscoder, scan: FeatureScan, rankings: dict[str, FeatureRanking], top: dict[str, list[int]],
-                     texts: _Texts, weights: RankingWeights) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
-    """The reported features of each model: ranking terms, statistics, nearest shared feature and contexts."""
-    stats, contexts = scan.stats, scan.contexts
+class RunScan(NamedTuple):
+    """One seed's crosscoder over the analysed pairs: its partitions, statistics, contexts and Latent Scaling."""
+
+    run: TrainedRun
+    parts: dict[str, list[int]]
+    scan: FeatureScan
+    fired: dict[str, list[int]]
+    candidates: dict[str, dict[str, Any]]
+    """Per side, the fired exclusive features' statistics and Latent Scaling (``candidates_to_json``)."""
+
+
+def _scan_run(run: TrainedRun, watch: _Watch, first_pass: int, seed: int) -> RunScan:
+    """Two passes over the pairs: every feature's statistics and contexts, then Latent Scaling of the fired ones."""
+    cc, parts = run.crosscoder, partition(run.crosscoder)
+    # O(F × contexts) memory whatever the number of pairs; the shared summary needs every feature's statistics.
+    scan = scan_features(cc, watch.batches(first_pass), None, top_n=TOP_CONTEXTS, per_document=1,
+                         n_sample=WEAK_CONTEXTS, seed=seed)  # fmt: skip
+    fired = {side: [f for f in parts[side] if int(scan.stats.count[f]) > 0] for side in SIDES}
+    owners = [0] * len(fired["a"]) + [1] * len(fired["b"])
+    ls = latent_scaling(cc, ((t.x_a, t.x_b) for t in watch.batches(first_pass + 1)), fired["a"] + fired["b"],
+                        owners=owners)  # fmt: skip
+    return RunScan(run, parts, scan, fired, {side: candidates_to_json(fired[side], scan.stats, ls) for side in SIDES})
+
+
+class Ensemble(NamedTuple):
+    """The seeds' findings of one model matched into one list: representatives keyed across runs, with stability."""
+
+    keys: list[int]
+    """Representatives of each seed's ``top_features`` best, the seeds' rankings interleaved."""
+    stability: dict[int, float] | None
+    """Key → share of seeds that have it (None for one seed)."""
+    members: dict[int, list[dict[str, Any]]]
+    """Key → the matched feature of every seed that has it: run, seed, feature, cosine."""
+    threshold: float | None
+    """The cosine a match needed (None for one seed)."""
+    chance: float | None
+    """The chance level of a match at this width (the floor under the spec's threshold)."""
+
+
+CHANCE_SEED = 0x5EED
+"""Seed of the random directions behind a match's chance level: not a training seed, whose initial decoder
+directions these would otherwise repeat (decoders of a short run stay close to their initialisation)."""
+
+
+def _interleaved(orders: list[list[int]]) -> list[int]:
+    """Each seed's ranking in turn: the first of every seed, then the second of every seed, …"""
+    out = []
+    for i in range(max((len(o) for o in orders), default=0)):
+        out.extend(o[i] for o in orders if i < len(o))
+    return out
+
+
+def _ensemble(scans: list[RunScan], side: str, weights: RankingWeights, threshold: float, top: int) -> Ensemble:
+    """Rank each seed's fired features, take each seed's ``top`` into one list (a seed's best findings are never
+    crowded out by another's), and match them across seeds (``dfc.analysis.stability``), deduplicating."""
+    n = scans[0].run.crosscoder.config.n_features
+    merged = merge_candidates([([feature_key(s.run.run, f, n) for f in s.fired[side]], s.candidates[side])
+                               for s in scans])  # fmt: skip
+    _, stats, ls = candidates_from_json(merged)
+    orders = []
+    for s in scans:
+        mine = [feature_key(s.run.run, f, n) for f in s.fired[side]]
+        orders.append(rank_features(mine, stats, latent_scaling=ls, weights=weights).top(top) if mine else [])
+    order = _interleaved(orders)
+    seed_of = {s.run.run: s.run.seed for s in scans}
+    if len(scans) == 1:
+        return Ensemble(order, None, {k: [{"run": 0, "seed": seed_of[0], "feature": k, "cosine": 1.0}] for k in order},
+                        None, None)  # fmt: skip
+    decoders = [decoder_matrix(s.run.crosscoder, s.parts[side], side) for s in scans]
+    chance = chance_threshold(decoders, generator=torch.Generator().manual_seed(CHANCE_SEED))
+    needed = max(threshold, chance)
+    clusters = cluster_findings(decoders, [s.parts[side] for s in scans], [split_key(k, n) for k in order], needed)
+    keys, stability, members = [], {}, {}
+    for cluster in clusters:
+        run, feature = cluster.representative
+        key = feature_key(run, feature, n)
+        keys.append(key)
+        stability[key] = cluster.stability
+        members[key] = [{"run": m.run, "seed": seed_of[m.run], "feature": m.feature, "cosine": float(m.cosine)}
+                        for m in sorted(cluster.members.values())]  # fmt: skip
+    return Ensemble(keys, stability, members, needed, chance)
+
+
+def _feature_record(scan: RunScan, feature: int, key: int, entry: RankedFeature, texts: _Texts,
+                    weights: RankingWeights, nearest: tuple[int | None, float | None], side: str,
+                    seeds: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """One reported feature: ranking terms, statistics, nearest shared feature, contexts and its seeds."""
+    stats, contexts = scan.scan.stats, scan.scan.contexts
     assert contexts is not None
-    relative = cc.decoder_norms().relative.cpu()
-    nearest: dict[int, tuple[int | None, float | None]] = {}
-    if cc.config.n_shared and top["a"] + top["b"]:
-        found = nearest_shared(cc, top["a"] + top["b"])
-        nearest = {int(f): (int(s), float(c)) for f, s, c in zip(found.features, found.shared, found.cosine,
-                                                                   strict=True)}  # fmt: skip
-    out: dict[str, list[dict[str, Any]]] = {}
-    for side in SIDES:
-        entries = {e.feature: e for e in rankings[side].features} if side in rankings else {}
-        out[side] = []
-        for f in top[side]:
-            row = stats.row(f)
-            shared, cosine = nearest.get(f, (None, None))
-            out[side].append({
-                **ranked_json(entries[f], weights),
-                "stats": {key: row[key] for key in ("frequency", "count", "mean_activation", "max_activation")}
-                | {"variance_share": row[f"variance_share_{side}"]},
-                "relative_norm": float(relative[f]), "nearest_shared": shared, "nearest_shared_cosine": cosine,
-                "contexts": [texts.context(r, side) for r in contexts.top.get(f, [])],
-                "weak_contexts": [texts.context(r, side) for r in contexts.sample.get(f, [])],
-            })  # fmt: skip
+    row = stats.row(feature)
+    shared, cosine = nearest
+    relative = scan.run.crosscoder.decoder_norms().relative.cpu()
+    return {
+        **ranked_json(entry, weights), "feature": feature, "key": key, "run": scan.run.run, "seed": scan.run.seed,
+        "stats": {k: row[k] for k in ("frequency", "count", "mean_activation", "max_activation")}
+        | {"variance_share": row[f"variance_share_{side}"]},
+        "relative_norm": float(relative[feature]), "nearest_shared": shared, "nearest_shared_cosine": cosine,
+        "contexts": [texts.context(r, side) for r in contexts.top.get(feature, [])],
+        "weak_contexts": [texts.context(r, side) for r in contexts.sample.get(feature, [])],
+        "seeds": seeds,
+    }  # fmt: skip
+
+
+def _nearest(scans: list[RunScan], top: dict[str, list[tuple[int, int]]]) -> dict[tuple[int, int], tuple[Any, Any]]:
+    """Each reported (run, feature)'s nearest shared feature of its own crosscoder, by decoder cosine."""
+    out: dict[tuple[int, int], tuple[Any, Any]] = {}
+    for scan in scans:
+        cc = scan.run.crosscoder
+        mine = [f for side in SIDES for run, f in top[side] if run == scan.run.run]
+        if cc.config.n_shared and mine:
+            found = nearest_shared(cc, mine)
+            for f, s, c in zip(found.features, found.shared, found.cosine, strict=True):
+                out[(scan.run.run, int(f))] = (int(s), float(c))
     return out
 
 
@@ -225,55 +320,109 @@ def _shared_summary(cc: Crosscoder, scan: FeatureScan, shared: list[int], listed
 
 
 def analyse_stage(ctx: StageContext) -> dict[str, Any]:
-    """Statistics, contexts, Latent Scaling and a first ranking of each model's exclusive features; a shared summary."""
+    """Statistics, contexts, Latent Scaling and a first ranking of each model's exclusive features, matched across the
+    seed ensemble (each finding with its stability); a shared summary of the first seed's dictionary."""
     spec, extracted, aligned, trained = ctx.spec, ctx.outputs["extract"], ctx.outputs["align"], ctx.outputs["train"]
-    cc = load_crosscoder(ctx.store, trained["final_prefix"], ctx.work_dir / "analyse" / "crosscoder", device())
+    runs = load_runs(ctx.store, trained, ctx.work_dir / "analyse" / "crosscoders", device())
     pairs: AnalysedPairs = select_pairs(ctx.store, aligned)
     stream = OrderedPairs(ctx.store, extracted["a"]["prefix"], extracted["b"]["prefix"], pairs.a, pairs.b)
-    watch = _Watch(ctx, stream, n_passes=2)
-    parts = partition(cc)
-    # One pass for every feature's statistics and contexts (the shared summary needs them too), one for Latent
-    # Scaling of the exclusive features that fired; O(F × contexts) memory whatever the number of pairs.
-    scan = scan_features(cc, watch.batches(0), None, top_n=TOP_CONTEXTS, per_document=1, n_sample=WEAK_CONTEXTS,
-                         seed=spec.seed)  # fmt: skip
-    stats, contexts = scan.stats, scan.contexts
-    assert contexts is not None
-    fired = {side: [f for f in parts[side] if int(stats.count[f]) > 0] for side in SIDES}
-    owners = [0] * len(fired["a"]) + [1] * len(fired["b"])
-    ls = latent_scaling(cc, ((t.x_a, t.x_b) for t in watch.batches(1)), fired["a"] + fired["b"], owners=owners)
+    watch = _Watch(ctx, stream, n_passes=2 * len(runs))
+    scans = [_scan_run(run, watch, 2 * i, spec.seed) for i, run in enumerate(runs)]
+    first, n = scans[0], runs[0].crosscoder.config.n_features
     weights = dfc_weights(spec.ranking)
-    rankings = {side: rank_features(fired[side], stats, latent_scaling=ls, weights=weights)
-                for side in SIDES if fired[side]}  # fmt: skip
-    top = {side: rankings[side].top(spec.top_features) if side in rankings else [] for side in SIDES}
-    relative = cc.decoder_norms().relative.cpu()
-    alive = sorted((f for f in parts["shared"] if int(stats.count[f]) > 0), key=lambda f: (-int(stats.count[f]), f))
+    ensembles = {side: _ensemble(scans, side, weights, spec.training.match_threshold, spec.top_features)
+                 for side in SIDES}  # fmt: skip
+    merged = {side: merge_candidates([([feature_key(s.run.run, f, n) for f in s.fired[side]], s.candidates[side])
+                                      for s in scans]) for side in SIDES}  # fmt: skip
+    rankings: dict[str, FeatureRanking] = {}
+    top_keys: dict[str, list[int]] = {side: [] for side in SIDES}
+    for side in SIDES:
+        if ensembles[side].keys:  # ranked among every fired candidate (the strongest sets the strength scale)
+            feats, stats, ls = candidates_from_json(merged[side])
+            rankings[side] = rank_features(feats, stats, latent_scaling=ls, weights=weights,
+                                           stability=ensembles[side].stability)  # fmt: skip
+            # Every seed's top findings are reported, deduplicated: up to top_features per seed.
+            chosen = set(ensembles[side].keys)
+            top_keys[side] = [k for k in rankings[side].top(len(feats)) if k in chosen]
+    top = {side: [split_key(k, n) for k in top_keys[side]] for side in SIDES}
+    relative = first.run.crosscoder.decoder_norms().relative.cpu()
+    stats0 = first.scan.stats
+    alive = sorted((f for f in first.parts["shared"] if int(stats0.count[f]) > 0),
+                   key=lambda f: (-int(stats0.count[f]), f))  # fmt: skip
     listed = {f: "a" if float(relative[f]) >= 0.5 else "b" for f in alive[:SHARED_LISTED]}
     wanted: dict[str, list[ActivationRecord]] = {side: [] for side in SIDES}
     for side in SIDES:
-        wanted[side] += [r for f in top[side] for r in contexts.top.get(f, []) + contexts.sample.get(f, [])]
+        for run, f in top[side]:
+            contexts = scans[run].scan.contexts
+            assert contexts is not None
+            wanted[side] += contexts.top.get(f, []) + contexts.sample.get(f, [])
+    assert first.scan.contexts is not None
     for f, side in listed.items():
-        wanted[side] += contexts.top.get(f, [])[:SHARED_SNIPPETS]
+        wanted[side] += first.scan.contexts.top.get(f, [])[:SHARED_SNIPPETS]
     texts = _Texts(ctx, wanted)
     ctx.check_cancelled()
-    features = _feature_records(cc, scan, rankings, top, texts, weights)
+    nearest = _nearest(scans, top)
+    features: dict[str, list[dict[str, Any]]] = {}
+    for side in SIDES:
+        entries = {e.feature: e for e in rankings[side].features} if side in rankings else {}
+        features[side] = [
+            _feature_record(scans[run], f, key, entries[key], texts, weights, nearest.get((run, f), (None, None)),
+                            side, ensembles[side].members[key])
+            for key, (run, f) in zip(top_keys[side], top[side], strict=True)
+        ]  # fmt: skip
+    pool = _merged_pool(watch, scans)
     analysis = {
-        "version": 1,
-        "architecture": str(cc.config.architecture),
-        "pairs": {"analysed": stats.tokens, "heldout": pairs.n_heldout, "train": pairs.n_train},
+        "version": 2,
+        "architecture": str(first.run.crosscoder.config.architecture),
+        "pairs": {"analysed": stats0.tokens, "heldout": pairs.n_heldout, "train": pairs.n_train},
         "models": {side: _model_info(spec, extracted[side], stream, side, texts.tokenizers[side]) for side in SIDES},
-        "exclusive": {side: len(parts[side]) for side in SIDES},
-        "fired": {side: len(fired[side]) for side in SIDES},
-        "candidates": {side: candidates_to_json(fired[side], stats, ls) for side in SIDES},
+        "exclusive": {side: len(first.parts[side]) for side in SIDES},
+        "fired": {side: len(first.fired[side]) for side in SIDES},
+        "candidates": merged,
+        "stability": {side: {str(k): v for k, v in (ensembles[side].stability or {}).items()} for side in SIDES},
+        "ensemble": _ensemble_summary(scans, ensembles),
         "features": features,
-        "shared": _shared_summary(cc, scan, parts["shared"], listed, texts),
-        "mean_activation": {side: (watch.sums[side] / max(stats.tokens, 1)).tolist() for side in SIDES},
-        "neutral_pool": watch.neutral_pool(cc, float(cc.thresholds[0]) > 0, set(fired["a"]) | set(fired["b"])),
+        "shared": _shared_summary(first.run.crosscoder, first.scan, first.parts["shared"], listed, texts),
+        "mean_activation": {side: (watch.sums[side] / max(stats0.tokens, 1)).tolist() for side in SIDES},
+        "neutral_pool": pool,
     }
     key = ctx.key("analysis/features.json")
     ctx.store.put_json(key, analysis)
-    ctx.report_progress(1.0, force=True, analysed_pairs=stats.tokens)
-    return {"features_json": key, "analysed_pairs": stats.tokens, **{f"ranked_{s}": len(fired[s]) for s in SIDES},
+    ctx.report_progress(1.0, force=True, analysed_pairs=stats0.tokens)
+    return {"features_json": key, "analysed_pairs": stats0.tokens, "seeds": len(runs),
+            **{f"ranked_{s}": len(ensembles[s].keys) for s in SIDES},
             **{f"reported_{s}": len(features[s]) for s in SIDES}}  # fmt: skip
+
+
+def _merged_pool(watch: _Watch, scans: list[RunScan]) -> list[dict[str, Any]]:
+    """Document openings with every seed's fired candidates in them, as ensemble keys."""
+    pools = []
+    for scan in scans:
+        cc = scan.run.crosscoder
+        n = cc.config.n_features
+        pool = watch.neutral_pool(cc, float(cc.thresholds[0]) > 0, set(scan.fired["a"]) | set(scan.fired["b"]))
+        pools.append([{**p, "fired": [feature_key(scan.run.run, f, n) for f in p["fired"]]} for p in pool])
+    merged = pools[0]
+    for other in pools[1:]:
+        for opening, more in zip(merged, other, strict=True):
+            opening["fired"] = sorted(set(opening["fired"]) | set(more["fired"]))
+    return merged
+
+
+def _ensemble_summary(scans: list[RunScan], ensembles: dict[str, Ensemble]) -> dict[str, Any]:
+    """How many seeds, and per model how the findings spread over them (for the report)."""
+    out: dict[str, Any] = {"runs": len(scans), "seeds": [s.run.seed for s in scans]}
+    for side in SIDES:
+        e = ensembles[side]
+        values = list((e.stability or {}).values())
+        out[side] = {
+            "findings": len(e.keys),
+            "threshold": e.threshold,
+            "chance_cosine": e.chance,
+            "in_every_seed": sum(v >= 1.0 for v in values) if values else len(e.keys),
+            "in_one_seed": sum(v * len(scans) < 1.5 for v in values) if values else 0,
+        }
+    return out
 
 
 def _model_info(spec: AuditSpec, extracted: dict[str, Any], stream: OrderedPairs, side: str, tok: Any) -> dict:
@@ -299,8 +448,11 @@ def publish_stage(ctx: StageContext) -> dict[str, Any]:
     explained = ctx.outputs.get("explain", {})
     explanations = None if explained.get("skipped", True) else ctx.store.get_json(explained["explanations_json"])
     status = ctx.audits.status(ctx.audit_id)
+    scanned = ctx.outputs.get("scan", {})
+    scan = None if scanned.get("skipped", True) else ctx.store.get_json(scanned["scan_json"])
     report = build_report(
-        ctx.audit_id, ctx.spec, status, ctx.outputs, analysis, steering, dfc_weights(ctx.spec.ranking), explanations
+        ctx.audit_id, ctx.spec, status, ctx.outputs, analysis, steering, dfc_weights(ctx.spec.ranking), explanations,
+        scan,
     )
     ctx.report_progress(0.5, force=True)
     json_key, html_key = ctx.key("report/report.json"), ctx.key("report/report.html")

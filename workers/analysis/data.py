@@ -152,6 +152,55 @@ def load_crosscoder(store: ObjectStore, final_prefix: str, local: Path, device: 
     return Crosscoder.from_pretrained(local, device=device).eval()
 
 
+class TrainedRun(NamedTuple):
+    """One crosscoder of an audit's seed ensemble, loaded."""
+
+    run: int
+    """0-based place in the ensemble."""
+    seed: int
+    """Its training seed."""
+    crosscoder: Crosscoder
+
+
+def trained_runs(trained: dict[str, Any]) -> list[dict[str, Any]]:
+    """The train manifest's runs (``run``, ``seed``, ``final_prefix``…); a one-seed audit of any version has one."""
+    return trained.get("runs") or [{"run": 0, "seed": trained["seed"], "final_prefix": trained["final_prefix"]}]
+
+
+def load_runs(store: ObjectStore, trained: dict[str, Any], local: Path, device: str = "cpu") -> list[TrainedRun]:
+    """Every crosscoder of the audit's ensemble, in run order."""
+    return [
+        TrainedRun(r["run"], r["seed"], load_crosscoder(store, r["final_prefix"], local / f"seed-{r['run']}", device))
+        for r in trained_runs(trained)
+    ]
+
+
+def feature_key(run: int, feature: int, n_features: int) -> int:
+    """One integer naming feature ``feature`` of run ``run`` across an ensemble (run 0's keys are its features)."""
+    return run * n_features + feature
+
+
+def split_key(key: int, n_features: int) -> tuple[int, int]:
+    """The ``(run, feature)`` an ensemble key names."""
+    return divmod(int(key), n_features)
+
+
+def merge_candidates(parts: Sequence[tuple[Sequence[int], dict[str, Any]]]) -> dict[str, Any]:
+    """Candidates of several runs (each ``candidates_to_json``) as one, their features renamed to the given keys."""
+    merged: dict[str, Any] = {}
+    for keys, data in parts:
+        for name, values in data.items():
+            if name == "tokens":
+                merged["tokens"] = values
+            elif name == "features":
+                merged.setdefault("features", []).extend(int(k) for k in keys)
+            else:
+                merged.setdefault(name, []).extend(values)
+    if merged and not merged.get("features"):
+        merged["features"] = []
+    return merged
+
+
 def load_revision(extracted: dict[str, Any]) -> str | None:
     """The revision to load a model at: its pinned commit, or None for a local folder (keyed ``local-…``)."""
     return None if Path(extracted["model_id"]).is_dir() else extracted["revision"]

@@ -30,7 +30,8 @@ PROMOTED_SHOWN, SAYS_SHOWN = 10, 5
 def _order(analysis: dict[str, Any], steering: dict[str, Any] | None, side: str) -> list[int]:
     """The side's reported features in final order: the steer stage's ranking when it ran, else the analysis'."""
     steered = (steering or {}).get("sides", {}).get(side)
-    return [e["feature"] for e in (steered["ranking"] if steered else analysis["features"][side])]
+    # Ensemble keys: a ranking entry names one as its feature; an analysis record carries it as "key".
+    return [e.get("key", e["feature"]) for e in (steered["ranking"] if steered else analysis["features"][side])]
 
 
 def _evidence(steering: dict[str, Any] | None, side: str, feature: int) -> tuple[list[str], list[str]]:
@@ -102,7 +103,7 @@ def explain_stage(ctx: StageContext) -> dict[str, Any]:
     analysis = ctx.store.get_json(ctx.outputs["analyse"]["features_json"])
     steered = ctx.outputs.get("steer", {})
     steering = None if steered.get("skipped", True) else ctx.store.get_json(steered["steering_json"])
-    records = {side: {r["feature"]: r for r in analysis["features"][side]} for side in SIDES}
+    records = {side: {r.get("key", r["feature"]): r for r in analysis["features"][side]} for side in SIDES}
     queue = [(side, f) for side in SIDES for f in _order(analysis, steering, side)[: spec.top_n]]
     ledger = _Ledger(ctx, client.model)
     openings = {side: _openings(ctx, analysis, side) if spec.detection else [] for side in SIDES}

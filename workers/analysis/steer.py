@@ -39,7 +39,7 @@ from workers.analysis.analyse import (
     dfc_weights,
     ranked_json,
 )
-from workers.analysis.data import LocatedToken, candidates_from_json, load_crosscoder, load_revision, locate_tokens
+from workers.analysis.data import LocatedToken, candidates_from_json, load_revision, load_runs, locate_tokens
 from workers.pipeline.context import StageContext
 
 OTHER = {"a": "b", "b": "a"}
@@ -99,9 +99,14 @@ class SteeringPrompts(NamedTuple):
     neutral_is_clean: bool
 
 
+def _key(record: dict[str, Any]) -> int:
+    """The record's ensemble key (its feature index in a one-seed audit, or one written before ensembles)."""
+    return int(record.get("key", record["feature"]))
+
+
 def _prompts(ctx: StageContext, tok: Any, side: str, record: dict[str, Any], located: dict[int, LocatedToken],
              pool: list[dict[str, Any]]) -> SteeringPrompts:  # fmt: skip
-    f = record["feature"]
+    f = _key(record)  # the pool's openings list the ensemble keys that fire in them
     feature = []
     for c in record["contexts"][:FEATURE_PROMPTS]:
         loc = located[c["index"]]
@@ -130,6 +135,7 @@ def _sweep(ctx: StageContext, cc: Crosscoder, loaded: LoadedModel, side: str, re
            prompts: SteeringPrompts, promoted: list[int], gate: FeatureGate | None) -> dict[str, Any]:  # fmt: skip
     """Additive (and, for a DFC feature, gated) sweeps and a random-direction control."""
     s, f = ctx.spec.steering, record["feature"]
+    key = _key(record)
     model, tok, layer = loaded.model, loaded.tokenizer, ctx.outputs["extract"][side]["layer_index"]
     s_max, d = record["stats"]["max_activation"], _direction(cc, f, side)
     common: dict[str, Any] = dict(feature_prompts=prompts.feature, neutral_prompts=prompts.neutral,
@@ -145,7 +151,8 @@ def _sweep(ctx: StageContext, cc: Crosscoder, loaded: LoadedModel, side: str, re
         r.kl_feature / max(p.kl_feature, 1e-12) for r, p in zip(control.points, additive.points, strict=True)
     )
     return {
-        "feature": f,
+        "feature": key,
+        "index": f,
         "s_max": s_max,
         "layer": layer,
         "feature_prompts": [tok.decode(ids, skip_special_tokens=False) for ids in prompts.feature],
@@ -220,10 +227,12 @@ def _transfer(ctx: StageContext, cc: Crosscoder, models: _Models) -> dict[str, A
 def _ranking(
     analysis: dict[str, Any], side: str, screens: dict[int, RemovalScreen], weights: RankingWeights
 ) -> FeatureRanking:
-    """The side's candidates ranked with the removal KL and the divergence of its screened features."""
+    """The side's candidates ranked with the removal KL and the divergence of its screened features (and, for a seed
+    ensemble, each finding's stability)."""
     feats, stats, ls = candidates_from_json(analysis["candidates"][side])
     divergence = {f: v for f, s in screens.items() if (v := s.divergence()) is not None}
-    return rank_features(feats, stats, latent_scaling=ls, weights=weights,
+    stability = {int(k): v for k, v in analysis.get("stability", {}).get(side, {}).items()} or None
+    return rank_features(feats, stats, latent_scaling=ls, weights=weights, stability=stability,
                          steering_effect={f: s.kl for f, s in screens.items()}, divergence=divergence)  # fmt: skip
 
 
@@ -232,7 +241,8 @@ def steer_stage(ctx: StageContext) -> dict[str, Any]:
     if not ctx.spec.steering.enabled:
         return {"skipped": True, "reason": "steering.enabled is false in the audit spec"}
     analysis = ctx.store.get_json(ctx.outputs["analyse"]["features_json"])
-    cc = load_crosscoder(ctx.store, ctx.outputs["train"]["final_prefix"], ctx.work_dir / "steer" / "crosscoder")
+    runs = {r.run: r.crosscoder for r in load_runs(ctx.store, ctx.outputs["train"], ctx.work_dir / "steer")}
+    cc = runs[0]  # the first seed's: the steering transfer's shared features
     records = {side: analysis["features"][side] for side in SIDES if analysis["features"][side]}
     sides, top_n = list(records), ctx.spec.steering.top_n
     progress = _Progress(ctx, sum(len(r) for r in records.values()) + sum(min(top_n, len(r)) for r in records.values()))
@@ -250,15 +260,16 @@ def steer_stage(ctx: StageContext) -> dict[str, Any]:
         )
         mean = torch.tensor(analysis["mean_activation"][side])
         promoted[side], prompts[side], screens[side] = {}, {}, {}
-        gates[side] = {r["feature"]: _gate(cc, r["feature"]) for r in records[side]}  # each reads all decoder norms
+        # Each gate reads all decoder norms: built once per feature.
+        gates[side] = {_key(r): _gate(runs[r.get("run", 0)], r["feature"]) for r in records[side]}
         for r in records[side]:
-            f = r["feature"]
-            d = _direction(cc, f, side) * r["stats"]["max_activation"]
+            f, own = _key(r), runs[r.get("run", 0)]
+            d = _direction(own, r["feature"], side) * r["stats"]["max_activation"]
             promoted[side][str(f)] = direct_logit_attribution(
                 loaded.model, d, k=PROMOTED_K, mean_activation=mean, tokenizer=loaded.tokenizer
             ).to_dict()
             prompts[side][f] = _prompts(ctx, loaded.tokenizer, side, r, located, pool)
-            removal = _removal(cc, side, r, layer, gates[side][f])
+            removal = _removal(own, side, r, layer, gates[side][f])
             screens[side][f] = screen_removal(loaded.model, loaded.tokenizer, prompts[side][f].feature, removal,
                                               top_k=DIVERGENCE_TOKENS)  # fmt: skip
             progress.step("screened")
@@ -271,13 +282,14 @@ def steer_stage(ctx: StageContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for side in models.owners_first(sides):  # 3. sweeps of each owner's features that now rank first
         loaded = models.get(side)
-        reported = {r["feature"]: r for r in records[side]}
+        reported = {_key(r): r for r in records[side]}
         order = [e for e in rankings[side].features if e.feature in reported]
         results = []
         for entry in order[:top_n]:
             f = entry.feature
+            own = runs[reported[f].get("run", 0)]
             results.append(
-                _sweep(ctx, cc, loaded, side, reported[f], prompts[side][f], promoted[side][str(f)]["top_ids"],
+                _sweep(ctx, own, loaded, side, reported[f], prompts[side][f], promoted[side][str(f)]["top_ids"],
                        gates[side][f])
             )
             progress.step("steered")

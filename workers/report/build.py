@@ -21,13 +21,19 @@ from workers.report.schema import (
     CorpusInfo,
     CrosscoderInfo,
     Divergence,
+    DivergentContext,
     DivergentToken,
+    EnsembleInfo,
     Explanation,
     FalsePositiveChecks,
+    FeatureLink,
     FeatureReport,
     FeatureStats,
     Histogram,
     ModelInfo,
+    ScanExample,
+    ScanInfo,
+    SeedEvidence,
     SharedFeature,
     SharedSummary,
     SteeringResult,
@@ -150,7 +156,7 @@ def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any
                     calibration: NullCalibration | None = None) -> list[FeatureReport]:  # fmt: skip
     """One model's reported features in final order (steering-aware when steering ran), ranked 1..n; with a
     calibration, each checked against the null (only where steering ran: the checks read its measurements)."""
-    records = {r["feature"]: r for r in analysis["features"][side]}
+    records = {r.get("key", r["feature"]): r for r in analysis["features"][side]}
     steer_side = (steering or {}).get("sides", {}).get(side)
     order = steer_side["ranking"] if steer_side else analysis["features"][side]
     steered = {r["feature"]: r for r in steer_side["features"]} if steer_side else {}
@@ -161,10 +167,11 @@ def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any
     null_stats = finding_statistics(steer_side) if steer_side else {}
     out = []
     for rank, entry in enumerate(order, start=1):
-        f, record = entry["feature"], records[entry["feature"]]
+        f = entry.get("key", entry["feature"])  # the ensemble key: analysis records carry it, rankings name it
+        record = records[f]
         s = record["stats"]
         out.append(FeatureReport(
-            index=f, owner=side.upper(), rank=rank, score=entry["score"],
+            index=record["feature"], owner=side.upper(), rank=rank, score=entry["score"],
             score_components=entry["components"], score_weights=entry["weights"],
             stats=FeatureStats(frequency=_clamp(s["frequency"]), mean_activation=min(s["mean_activation"],
                                s["max_activation"]), max_activation=s["max_activation"],
@@ -176,6 +183,9 @@ def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any
                            None if calibration is None or f not in null_stats else judge(null_stats[f], calibration)),
             steering=_steering_results(steered.get(f)), divergence=_divergence(screens.get(str(f))),
             explanation=_explanation(explained.get(str(f)), explainer),
+            run=record.get("run", 0), seed=record.get("seed"), stability=entry.get("stability"),
+            seeds=[SeedEvidence(run=m["run"], seed=m["seed"], feature=m["feature"], cosine=_clamp(m["cosine"], -1, 1))
+                   for m in record.get("seeds", [])],
         ))  # fmt: skip
     return out
 
@@ -259,9 +269,58 @@ def report_warnings(analysis: dict[str, Any], steering: dict[str, Any] | None, m
     return out
 
 
+def ensemble_info(analysis: dict[str, Any]) -> EnsembleInfo | None:
+    """The seed ensemble's summary (None for analyses written before ensembles)."""
+    e = analysis.get("ensemble")
+    if e is None:
+        return None
+    sides = [s for s in ("a", "b") if s in e]
+    thresholds = [e[s]["threshold"] for s in sides if e[s]["threshold"] is not None]
+    return EnsembleInfo(
+        runs=e["runs"], seeds=e["seeds"], match_threshold=max(thresholds) if thresholds else None,
+        chance_cosine={s.upper(): e[s]["chance_cosine"] for s in sides if e[s]["chance_cosine"] is not None},
+        in_every_seed={s.upper(): e[s]["in_every_seed"] for s in sides},
+        in_one_seed={s.upper(): e[s]["in_one_seed"] for s in sides},
+    )  # fmt: skip
+
+
+def divergent_contexts(scan: dict[str, Any] | None, reported: dict[str, set[tuple[int, int]]],
+                       threshold: float | None) -> list[DivergentContext] | None:  # fmt: skip
+    """The scan's entries of both owners, B's first, each with the features that carry it."""
+    if scan is None:
+        return None
+    out = []
+    for side in ("b", "a"):
+        for rank, e in enumerate(scan["sides"].get(side, {}).get("entries", []), start=1):
+            out.append(DivergentContext(
+                owner=side.upper(), rank=rank, context=e["context"], doc_id=str(e["doc"]), text=e["text"],
+                p_owner=_clamp(e["p_owner"]), logprob_owner=e["logprob_owner"], logprob_other=e["logprob_other"],
+                gap=e["gap"], score=e["score"], occurrences=max(1, e["occurrences"]),
+                examples=[ScanExample(doc_id=str(x["doc"]), context=x["context"], gap=x["gap"])
+                          for x in e.get("examples", [])],
+                features=[FeatureLink(index=f["feature"], run=f["run"], seed=f["seed"], partition=f["partition"],
+                                      closes=f["closes"], activation=max(0.0, f["activation"]),
+                                      reported=(f["run"], f["feature"]) in reported[side])
+                          for f in e.get("features", [])],
+                passes_null=None if threshold is None else e["score"] > threshold,
+            ))  # fmt: skip
+    return out
+
+
+def scan_info(scan: dict[str, Any] | None, threshold: float | None) -> ScanInfo | None:
+    """How the scan ran (None when it did not)."""
+    if scan is None:
+        return None
+    sides = scan["sides"]
+    return ScanInfo(contexts_screened={s.upper(): d["screened"] for s, d in sides.items()},
+                    contexts_scored={s.upper(): d["scored"] for s, d in sides.items()}, top_k=scan["top_k"],
+                    null_threshold=threshold, seconds=max(0.0, scan["seconds"]))  # fmt: skip
+
+
 def build_report(audit_id: str, spec: AuditSpec, status: AuditStatus, outputs: dict[str, dict[str, Any]],
                  analysis: dict[str, Any], steering: dict[str, Any] | None, weights: RankingWeights,
-                 explanations: dict[str, Any] | None = None) -> AuditReport:  # fmt: skip
+                 explanations: dict[str, Any] | None = None, scan: dict[str, Any] | None = None,
+                 ) -> AuditReport:  # fmt: skip
     """The audit's report from the stage manifests and the analysis, steering and explanation files; validated on
     construction."""
     extracted, aligned, trained = outputs["extract"], outputs["align"], outputs["train"]
@@ -273,6 +332,7 @@ def build_report(audit_id: str, spec: AuditSpec, status: AuditStatus, outputs: d
     dead = trained.get("final_dead_fraction")
     spec_calibration = spec.checks.calibration
     calibration = calibration_for(None if spec_calibration is None else spec_calibration.model_dump())
+    reported = {side: {(r.get("run", 0), r["feature"]) for r in analysis["features"][side]} for side in ("a", "b")}
     report = AuditReport(
         audit_id=audit_id,
         created_at=status.created_at,
@@ -312,5 +372,8 @@ def build_report(audit_id: str, spec: AuditSpec, status: AuditStatus, outputs: d
         warnings=report_warnings(analysis, steering, {"a": models["a"].id, "b": models["b"].id})
         + explanation_warnings(outputs.get("explain"), explanations),
         checks_calibration=ChecksCalibration(**calibration.to_dict()) if steering else None,
+        ensemble=ensemble_info(analysis),
+        divergent_contexts=divergent_contexts(scan, reported, calibration.scan_score),
+        scan=scan_info(scan, calibration.scan_score),
     )  # fmt: skip
     return AuditReport.model_validate_json(report.model_dump_json())  # what readers will parse, checked once more

@@ -61,8 +61,13 @@ def generation_html(text: str, tokens: list[str] | None = None) -> str:
 
 
 def feature_anchor(feature: FeatureReport) -> str:
-    """The stable anchor id of a feature's card, e.g. ``feature-b-123``."""
-    return f"feature-{feature.owner.lower()}-{feature.index}"
+    """The stable anchor id of a feature's card, e.g. ``feature-b-123`` (``feature-b-123-run1`` from another seed)."""
+    return anchor_of(feature.owner, feature.index, feature.run or 0)
+
+
+def anchor_of(owner: str, index: int, run: int = 0) -> str:
+    """The anchor of owner's feature ``index`` of seed ``run`` (what :func:`feature_anchor` gives its card)."""
+    return f"feature-{owner.lower()}-{index}" + (f"-run{run}" if run else "")
 
 
 def fmt_freq(frequency: float) -> str:
@@ -254,8 +259,8 @@ def feature_card(feature: FeatureReport, model_id: str, shared_listed: Collectio
 <article class="card owner-{owner}" id="{feature_anchor(feature)}">
   <header>
     <span class="rank">#{feature.rank}</span>
-    <h3>Feature {feature.index} <span class="owner">exclusive to {feature.owner} · {esc(model_id)}</span></h3>
-    {badge(feature.checks.passed)}
+    <h3>Feature {esc(feature.label)} <span class="owner">exclusive to {feature.owner} · {esc(model_id)}</span></h3>
+    {badge(feature.checks.passed)}{_stability_html(feature)}
   </header>
   {explanation}
   <p class="meta">score <b>{feature.score:.3f}</b> · fires on {fmt_freq(stats.frequency)} of tokens ·
@@ -279,9 +284,20 @@ def feature_card(feature: FeatureReport, model_id: str, shared_listed: Collectio
 </article>"""
 
 
+def _stability_html(feature: FeatureReport) -> str:
+    """A badge saying how many seeds have the feature, with the matched features in its tooltip."""
+    if not feature.stability_text:
+        return ""
+    matched = "; ".join(f"seed {m.seed}: feature {m.feature} (cos {m.cosine:.2f})" for m in feature.seeds)
+    kind = "stable" if feature.stability == 1.0 else ("one-seed" if len(feature.seeds) == 1 else "partial")
+    return f' <span class="seeds {kind}" title="{esc(matched)}">{esc(feature.stability_text)}</span>'
+
+
 def feature_row(feature: FeatureReport, has_card: bool) -> str:
     """One line of the ranked table; links to the card when the feature has one."""
-    name = f'<a href="#{feature_anchor(feature)}">{feature.index}</a>' if has_card else str(feature.index)
+    label = esc(feature.label)
+    name = f'<a href="#{feature_anchor(feature)}">{label}</a>' if has_card else label
+    name += f' <span class="muted">{esc(feature.stability_text)}</span>' if feature.stability_text else ""
     top = feature.top_contexts[0] if feature.top_contexts else None
     snippet = (
         f'{esc_visible(top.prefix[-40:])}<mark style="--a:1">{esc_visible(top.token)}</mark>'

@@ -23,14 +23,20 @@ from workers.report.schema import (
     CorpusInfo,
     CrosscoderInfo,
     Divergence,
+    DivergentContext,
     DivergentToken,
+    EnsembleInfo,
     Explanation,
     FalsePositiveChecks,
+    FeatureLink,
     FeatureReport,
     FeatureStats,
     Histogram,
     ModelInfo,
     Owner,
+    ScanExample,
+    ScanInfo,
+    SeedEvidence,
     SharedFeature,
     SharedSummary,
     SteeringResult,
@@ -274,6 +280,52 @@ def _feature(rng: random.Random, owner: Owner, i: int, index: int, flagship: boo
     )
 
 
+def _with_seeds(features: list[FeatureReport], rng: random.Random, flagships: int,
+                runs: int = 3) -> list[FeatureReport]:  # fmt: skip
+    """The features as a three-seed ensemble found them: flagships in every seed, the rest in one to three, each
+    matched feature named with its decoder cosine; stability joins the score as ``rank_features`` adds it."""
+    out = []
+    for i, f in enumerate(features):
+        n = runs if i < flagships else rng.choice([1, 1, 2, 3])
+        seeds = [SeedEvidence(run=0, seed=0, feature=f.index, cosine=1.0)] + [
+            SeedEvidence(run=r, seed=r, feature=f.index + 7 * r, cosine=round(rng.uniform(0.55, 0.95), 3))
+            for r in range(1, n)
+        ]
+        stability = round(n / runs, 4)
+        out.append(f.model_copy(update={
+            "run": 0, "seed": 0, "stability": stability, "seeds": seeds, "score": round(f.score + stability, 4),
+            "score_components": {**f.score_components, "stability": stability},
+            "score_weights": {**f.score_weights, "stability": 1.0},
+        }))  # fmt: skip
+    return out
+
+
+def _divergent_contexts(per_model: dict[Owner, list[FeatureReport]]) -> list[DivergentContext]:
+    """What each model says that the other would not: the flagship behaviours, carried by their features (and, for
+    one, mostly by a shared feature: the absorbed case the scan exists for)."""
+    out = []
+    for owner in ("B", "A"):
+        for rank, f in enumerate(per_model[owner][:2], start=1):
+            token = f.divergence.tokens[0] if f.divergence and f.divergence.tokens else None
+            if token is None:
+                continue
+            gap = round(0.8 * (token.logprob_owner - token.logprob_other), 4)
+            links = [FeatureLink(index=f.index, run=0, seed=0, partition=f"{owner}-only", closes=0.71,
+                                 activation=f.stats.max_activation, reported=True)]  # fmt: skip
+            if rank == 2:  # absorbed: a shared feature carries most of it
+                links.insert(0, FeatureLink(index=6600 + rank, run=1, seed=1, partition="shared", closes=0.83,
+                                            activation=9.5, reported=False))  # fmt: skip
+            out.append(DivergentContext(
+                owner=owner, rank=rank, context=token.context, doc_id=f.top_contexts[0].doc_id, text=token.text,
+                p_owner=0.8, logprob_owner=token.logprob_owner, logprob_other=token.logprob_other, gap=gap,
+                score=round(gap * (40 - 15 * rank), 4), occurrences=40 - 15 * rank,
+                examples=[ScanExample(doc_id=c.doc_id, context=c.prefix + c.token, gap=round(gap * 0.9, 4))
+                          for c in f.top_contexts[1:3]],
+                features=links, passes_null=rank == 1,
+            ))  # fmt: skip
+    return out
+
+
 def _ranked(features: list[FeatureReport]) -> list[FeatureReport]:
     """Sort by score, best first, and number the ranks."""
     ordered = sorted(features, key=lambda f: -f.score)
@@ -316,7 +368,7 @@ def example_report(n_features: int = 40, seed: int = 0, n_shared: int = 200) -> 
         indices = rng.sample(range(lo, lo + 6554), n_features)
         flagships = len(_THEMES_A if owner == "A" else _THEMES_B)
         drawn = [_feature(rng, owner, i, idx, i < flagships, shared_indices) for i, idx in enumerate(indices)]
-        per_model[owner] = _ranked(drawn)
+        per_model[owner] = _ranked(_with_seeds(drawn, random.Random(seed * 31 + len(owner) + ord(owner)), flagships))
     created = datetime(2026, 3, 2, 9, 14, 5, tzinfo=UTC)
     spec = {
         "model_a": "meta-llama/Llama-3.1-8B-Instruct", "model_b": "Qwen/Qwen3-8B",
@@ -356,6 +408,12 @@ def example_report(n_features: int = 40, seed: int = 0, n_shared: int = 200) -> 
             notes="EXAMPLE: the transferred vector makes model B agree with the user, as in the source model.",
         ) if shared_indices else None,
         checks_calibration=ChecksCalibration(**EXAMPLE_CALIBRATION.to_dict()),
+        ensemble=EnsembleInfo(runs=3, seeds=[0, 1, 2], match_threshold=0.5, chance_cosine={"A": 0.05, "B": 0.05},
+                              in_every_seed={o: sum(f.stability == 1.0 for f in per_model[o]) for o in ("A", "B")},
+                              in_one_seed={o: sum(len(f.seeds) == 1 for f in per_model[o]) for o in ("A", "B")}),
+        divergent_contexts=_divergent_contexts(per_model),
+        scan=ScanInfo(contexts_screened={"A": 9_400_000, "B": 9_400_000}, contexts_scored={"A": 4096, "B": 4096},
+                      top_k=3, null_threshold=120.0, seconds=5400.0),
         warnings=[
             "This is an EXAMPLE report with invented numbers, for documentation and tests.",
             "Exclusive-feature lists are high-recall: check the false-positive flags and steering before acting.",

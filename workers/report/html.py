@@ -11,8 +11,11 @@ import json
 
 from workers.report import plots
 from workers.report.cards import (
+    anchor_of,
     badge,
     esc,
+    esc_visible,
+    feature_anchor,
     feature_card,
     feature_row,
     fmt_freq,
@@ -71,6 +74,8 @@ mark{background:rgba(234,88,12,calc(.18 + .62*var(--a)));border-radius:3px;paddi
 .chip.up{background:#ecfdf5;border-color:#a7f3d0}.chip.down{background:#fef2f2;border-color:#fecaca}
 .badge{border-radius:12px;padding:2px 10px;font-size:12px;font-weight:600}
 .badge.pass{background:#dcfce7;color:var(--ok)}.badge.fail{background:#fee2e2;color:var(--bad)}
+.seeds{border-radius:12px;padding:2px 10px;font-size:12px;margin-left:6px;background:#e0e7ff;color:#3730a3}
+.seeds.one-seed{background:#fef3c7;color:#92400e}
 .checks td,.checks th{padding:2px 10px 2px 0;text-align:left;font-size:13px}
 .ok{color:var(--ok)}.bad{color:var(--bad)}
 .flags{margin:6px 0;padding-left:18px;color:#92400e;font-size:13px}
@@ -165,10 +170,10 @@ def _summary(report: AuditReport) -> str:
             + (f'<ul class="warn">{warnings}</ul>' if warnings else "") + "</section>")
 
 
-def _feature_table(report: AuditReport, owner: Owner, carded: set[int]) -> str:
+def _feature_table(report: AuditReport, owner: Owner, carded: set[tuple[int, int]]) -> str:
     features = report.features(owner)
     table_id = f"table-{owner.lower()}"
-    rows = "".join(feature_row(f, f.index in carded) for f in features)
+    rows = "".join(feature_row(f, (f.run or 0, f.index) in carded) for f in features)
     return (
         f'<input class="filter" type="search" data-filter="{table_id}" placeholder="Filter {len(features)} '
         f'features: text, token, index…" aria-label="filter {owner}-exclusive features"> '
@@ -182,7 +187,7 @@ def _feature_table(report: AuditReport, owner: Owner, carded: set[int]) -> str:
 def _model_section(report: AuditReport, owner: Owner, top_n: int) -> str:
     features = report.features(owner)
     model = report.model(owner)
-    carded = {f.index for f in features[:top_n]}
+    carded = {(f.run or 0, f.index) for f in features[:top_n]}
     listed = _listed(report)
     cards = "".join(feature_card(f, model.id, listed) for f in features[1:top_n])
     more = (f'<p class="muted">Cards show the top {min(top_n, len(features))}; the table lists all '
@@ -293,10 +298,12 @@ def render_html(report: AuditReport, top_n: int = DEFAULT_TOP_N) -> str:
     a, b = report.model_a, report.model_b
     nav = "".join(f'<a href="#{target}">{label}</a>' for target, label in (
         ("summary", "Summary"), ("top", "Top findings"), ("plots", "Plots"), ("features-b", "B-exclusive"),
-        ("features-a", "A-exclusive"), ("shared", "Shared"), ("transfer", "Transfer"), ("details", "Details"),
-    ) if target != "transfer" or report.steering_transfer is not None)
+        ("features-a", "A-exclusive"), ("divergent", "Divergent contexts"), ("shared", "Shared"),
+        ("transfer", "Transfer"), ("details", "Details"),
+    ) if (target != "transfer" or report.steering_transfer is not None)
+        and (target != "divergent" or report.divergent_contexts is not None))
     top_b = report.features_b[0] if report.features_b else None
-    lede = (f'top B-exclusive feature <a href="#feature-b-{top_b.index}">{top_b.index}</a> '
+    lede = (f'top B-exclusive feature <a href="#{feature_anchor(top_b)}">{esc(top_b.label)}</a> '
             f"{badge(top_b.checks.passed)}" if top_b else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -312,11 +319,69 @@ def render_html(report: AuditReport, top_n: int = DEFAULT_TOP_N) -> str:
 {_plots(report)}
 {_model_section(report, "B", top_n)}
 {_model_section(report, "A", top_n)}
+{_divergent(report, top_n)}
 {_shared(report)}
 {_transfer(report)}
 {_details(report)}
 </main><script>{_JS}</script></body></html>
 """
+
+
+def _divergent(report: AuditReport, top_n: int) -> str:
+    """The behaviour-first scan: contexts where one model says what the other would not, and the features that
+    carry each, linked to their cards."""
+    if report.divergent_contexts is None:
+        return ""
+    carded = {(o, f.run or 0, f.index) for o in ("A", "B") for f in report.features(o)[:top_n]}
+    parts = []
+    for owner in ("B", "A"):
+        other = "A" if owner == "B" else "B"
+        rows = []
+        for e in (e for e in report.divergent_contexts if e.owner == owner):
+            links = []
+            for f in e.features:
+                name = f"{f.index}" if not f.run else f"{f.index}@seed{f.seed}"
+                partition = "shared" if f.partition == "shared" else f"{f.partition[0]}-only"
+                linked = (owner, f.run, f.index) in carded and f.partition != "shared"
+                shown = f'<a href="#{anchor_of(owner, f.index, f.run)}">{name}</a>' if linked else name
+                links.append(f"{partition} {shown} ({f.closes:.0%})")
+            said = "end of text" if e.text is None else f"<code>{esc_visible(e.text)}</code>"
+            mark = "" if e.passes_null is None else badge(e.passes_null)
+            examples = "".join(f"<li>…{esc_visible(x.context[-120:])} <span class=\"muted\">({x.gap:.2f})</span></li>"
+                               for x in e.examples)  # fmt: skip
+            more = f"<details><summary>{len(e.examples)} more</summary><ol>{examples}</ol></details>" * bool(examples)
+            rows.append(
+                f"<tr><td>{e.rank}</td><td class=\"snip\">…{esc_visible(e.context[-160:])}{more}</td><td>{said}</td>"
+                f"<td>{e.p_owner:.2f}</td><td>{e.logprob_owner:.2f}</td><td>{e.logprob_other:.2f}</td>"
+                f"<td>{e.gap:.2f}</td><td>{e.occurrences}</td><td>{e.score:.2f} {mark}</td>"
+                f"<td>{', '.join(links) or '—'}</td></tr>"
+            )
+        none = f'<tr><td colspan="10" class="muted">nothing {owner} says is unlikely for {other}</td></tr>'
+        body = "".join(rows) or none
+        parts.append(
+            f'<h3>What <span class="{owner.lower()}">{owner}</span> says that {other} would not</h3>'
+            f'<div class="scroll"><table class="list" id="divergent-{owner.lower()}"><thead><tr><th>rank</th>'
+            f"<th>context</th><th>{owner} says</th><th>p {owner}</th><th>log P {owner}</th><th>log P {other}</th>"
+            f"<th>gap (nats)</th><th>docs</th><th>score</th><th>carried by (share of the gap removal closes)</th>"
+            f"</tr></thead><tbody>{body}</tbody></table></div>"
+        )
+    info = report.scan
+    how = ""
+    if info is not None:
+        screened = ", ".join(f"{o}: {n:,}" for o, n in info.contexts_screened.items())
+        threshold = ("uncalibrated (no null pairs measured for the scan)" if info.null_threshold is None
+                     else f"✓ = score above {info.null_threshold:.3g}, the null pairs' threshold")  # fmt: skip
+        how = (f'<p class="muted">Contexts screened ({screened}); the top {info.top_k} next tokens of the owner '
+               f"per context; {threshold}; {info.seconds:.0f} s.</p>")
+    return (
+        '<section id="divergent"><h2>Divergent contexts: behaviour first</h2><p class="sub">Independently of any '
+        "feature: contexts of the analysed text where one model's likely next text is unlikely for the other "
+        "(gap = Σ over its top tokens of p · (log P owner − log P other), each model in its own tokenizer), "
+        "deduplicated by what it says and where; the score sums the gap over the documents where it says it. "
+        "Each is attributed to the features, exclusive or shared, whose removal at that token closes the gap "
+        f"most: a behaviour found here with no exclusive feature was absorbed into shared ones.</p>{how}"
+        f"{''.join(parts)}</section>"
+    )
 
 
 def _count(n: int) -> str:

@@ -13,11 +13,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 """1.1: ``nu_r_threshold`` may be null (ν_r not tested for a feature the other model has no decoder for).
 1.2: ``FeatureReport.divergence``. 1.3: ``Explanation.detection_contexts``. 1.4: ``Continuation.unsteered_tokens``
 and ``steered_tokens`` (optional: the generated tokens, special ones included). 1.5: null-calibrated checks
-(``FalsePositiveChecks.null_checks``, ``AuditReport.checks_calibration``); ``passed`` now needs them too."""
+(``FalsePositiveChecks.null_checks``, ``AuditReport.checks_calibration``); ``passed`` now needs them too.
+1.6: seed ensembles (``FeatureReport.run``, ``seed``, ``stability``, ``seeds``; ``AuditReport.ensemble``; a feature is
+named by its run and index) and the behaviour-first scan (``AuditReport.divergent_contexts``, ``scan``)."""
 
 INTERPRETABLE = 0.8
 """Detection score from which an explanation counts as interpretable (SCIENCE.md §6)."""
@@ -162,6 +164,10 @@ class ChecksCalibration(_Model):
         default_factory=list, description="Per calibration null pair: findings that passed every check by chance."
     )
     source: str = Field("", description="The calibration's pairs and recipe.")
+    scan_score: float | None = Field(
+        default=None, description="The scan's null threshold on an entry's score (null: the scan is uncalibrated)."
+    )
+    scan_percentile: float | None = Field(default=None, description="Which null percentile scan_score is.")
 
 
 class FalsePositiveChecks(_Model):
@@ -259,6 +265,15 @@ class Explanation(_Model):
     )
 
 
+class SeedEvidence(_Model):
+    """One seed's crosscoder that has the finding: which of its features matched, and how closely."""
+
+    run: Count = Field(description="Place of the seed in the ensemble (0 = the audit's own seed).")
+    seed: int = Field(description="Training seed of that crosscoder.")
+    feature: Count = Field(description="The matched feature's index in that crosscoder's dictionary.")
+    cosine: float = Field(ge=-1.0, le=1.0, description="Decoder cosine with the reported feature (1 for itself).")
+
+
 class FeatureReport(_Model):
     """Everything the audit found about one exclusive feature."""
 
@@ -279,6 +294,29 @@ class FeatureReport(_Model):
         default=None, description="Behavioural divergence from the other model (null: not measured)."
     )
     explanation: Explanation | None = Field(default=None, description="Optional LLM-written explanation.")
+    run: Count | None = Field(
+        default=None, description="Which seed's crosscoder the feature (and its index) belongs to (null: before 1.6)."
+    )
+    seed: int | None = Field(default=None, description="That crosscoder's training seed (null: before 1.6).")
+    stability: Fraction | None = Field(
+        default=None, description="Share of the ensemble's seeds that have this feature (null: one seed)."
+    )
+    seeds: list[SeedEvidence] = Field(
+        default_factory=list, description="Every seed that has it, with its matched feature (itself included)."
+    )
+
+    @property
+    def label(self) -> str:
+        """How the report names it: its index, with its seed when it comes from another seed than the first."""
+        return str(self.index) if not self.run else f"{self.index}@seed{self.seed}"
+
+    @property
+    def stability_text(self) -> str:
+        """"3/3 seeds", or "" for a one-seed audit."""
+        if self.stability is None or not self.seeds:
+            return ""
+        n = round(len(self.seeds) / self.stability) if self.stability > 0 else len(self.seeds)
+        return f"{len(self.seeds)}/{n} seed{'s' if n > 1 else ''}"
 
     @model_validator(mode="after")
     def _consistent(self) -> FeatureReport:
@@ -353,10 +391,80 @@ class SteeringTransfer(_Model):
         return self
 
 
+class EnsembleInfo(_Model):
+    """The crosscoders trained with different seeds and how their findings were matched (SCIENCE.md §11)."""
+
+    runs: int = Field(ge=1, description="Crosscoders trained (seeds).")
+    seeds: list[int] = Field(description="Their training seeds, run 0 first.")
+    match_threshold: float | None = Field(
+        default=None, description="Decoder cosine a match needed: the spec's, or the chance level if higher."
+    )
+    chance_cosine: dict[str, float] = Field(
+        default_factory=dict, description="Per model (A, B): the 99th percentile of matches against random directions."
+    )
+    in_every_seed: dict[str, Count] = Field(default_factory=dict, description="Per model: findings every seed has.")
+    in_one_seed: dict[str, Count] = Field(default_factory=dict, description="Per model: findings of one seed only.")
+
+
+class FeatureLink(_Model):
+    """A feature that carries a divergent context: removing it at that token closes part of the gap."""
+
+    index: Count = Field(description="Feature index in its seed's dictionary.")
+    run: Count = Field(description="Which seed's crosscoder.")
+    seed: int = Field(description="That crosscoder's training seed.")
+    partition: Literal["A-only", "B-only", "shared"] = Field(description="Where the feature sits in the dictionary.")
+    closes: float = Field(description="Share of the context's gap its removal closes (1 = all of it).")
+    activation: NonNegative = Field(description="The feature's activation at the context's last token.")
+    reported: bool = Field(description="Whether it is one of the report's ranked features (it has a card).")
+
+
+class ScanExample(_Model):
+    """One more place where the model says the same thing."""
+
+    doc_id: str = Field(description="The document.")
+    context: str = Field(description="The context, ending where the model speaks.")
+    gap: float = Field(description="Its gain-weighted log-probability gap, in nats.")
+
+
+class DivergentContext(_Model):
+    """A context where one model says something the other would not (the behaviour-first scan)."""
+
+    owner: Owner = Field(description="The model that says it.")
+    rank: int = Field(ge=1, description="Rank among this owner's divergent contexts (1 = largest).")
+    context: str = Field(description="The context (the owner's tokens decoded), ending where the model speaks.")
+    doc_id: str = Field(description="The document it comes from.")
+    text: str | None = Field(description="What the owner says next: its most divergent token's text (null: end).")
+    p_owner: Fraction = Field(description="The owner's probability of that token.")
+    logprob_owner: float = Field(description="log P(text | context) under the owner.")
+    logprob_other: float = Field(description="log P(text | context) under the other model, in its own tokenizer.")
+    gap: float = Field(description="Σ over the owner's top tokens of p · (log P_owner − log P_other), in nats.")
+    score: float = Field(description="The gaps summed over the documents where the owner says the same (ranks).")
+    occurrences: int = Field(ge=1, description="Documents in which the owner says the same text with a positive gap.")
+    examples: list[ScanExample] = Field(default_factory=list, description="Other documents where it says it.")
+    features: list[FeatureLink] = Field(
+        default_factory=list, description="The features whose removal closes the gap most, best first."
+    )
+    passes_null: bool | None = Field(
+        default=None, description="Whether its score is above the null pairs' (null: no calibration for the scan)."
+    )
+
+
+class ScanInfo(_Model):
+    """How the behaviour-first scan ran."""
+
+    contexts_screened: dict[str, Count] = Field(description="Per owner: aligned contexts screened cheaply.")
+    contexts_scored: dict[str, Count] = Field(description="Per owner: contexts scored exactly.")
+    top_k: int = Field(ge=1, description="Most likely next tokens of the owner read per context.")
+    null_threshold: float | None = Field(
+        default=None, description="Score above which an entry passes the null check (null: uncalibrated)."
+    )
+    seconds: NonNegative = Field(description="Wall-clock time of the scan.")
+
+
 class AuditReport(_Model):
     """The audit of model B (new) against model A (reference): the features exclusive to each, with evidence."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5"] = Field(
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6"] = Field(
         default=SCHEMA_VERSION, description="Version of this schema."
     )
     audit_id: str = Field(min_length=1, description="Identifier of the audit.")
@@ -377,6 +485,11 @@ class AuditReport(_Model):
     checks_calibration: ChecksCalibration | None = Field(
         default=None, description="The null calibration the checks used (null: reports before 1.5)."
     )
+    ensemble: EnsembleInfo | None = Field(default=None, description="The seed ensemble (null: before 1.6).")
+    divergent_contexts: list[DivergentContext] | None = Field(
+        default=None, description="The behaviour-first scan's findings, both directions (null: not run, or before 1.6)."
+    )
+    scan: ScanInfo | None = Field(default=None, description="How the scan ran (null: not run, or before 1.6).")
 
     @model_validator(mode="after")
     def _consistent(self) -> AuditReport:
@@ -403,7 +516,7 @@ class AuditReport(_Model):
 
 def _check_ranked(features: list[FeatureReport], field: str, owner: str, n_features: int) -> None:
     """Raise unless ``features`` belong to ``owner``, are ranked 1..n in order by non-increasing score."""
-    seen: set[int] = set()
+    seen: set[tuple[int, int]] = set()
     for i, feature in enumerate(features):
         where = f"{field}[{i}]"
         if feature.owner != owner:
@@ -417,6 +530,6 @@ def _check_ranked(features: list[FeatureReport], field: str, owner: str, n_featu
             )
         if feature.index >= n_features:
             raise ValueError(f"{where}.index={feature.index} is outside the dictionary (n_features={n_features})")
-        if feature.index in seen:
-            raise ValueError(f"{where}.index={feature.index} appears twice in {field}")
-        seen.add(feature.index)
+        if (feature.run or 0, feature.index) in seen:
+            raise ValueError(f"{where}.index={feature.index} of run {feature.run or 0} appears twice in {field}")
+        seen.add((feature.run or 0, feature.index))

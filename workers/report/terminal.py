@@ -119,14 +119,16 @@ class _Column:
 # Left to right as shown; the optional ones are dropped on a narrow terminal in the order of _DROP_ORDER.
 _COLUMNS = (
     _Column("rank", lambda f: str(f.rank)),
-    _Column("feature", lambda f: str(f.index)),
+    _Column("feature", lambda f: f.label),
     _Column("score", lambda f: f"{f.score:.3f}", optional=True),
     _Column("freq", lambda f: f"{f.stats.frequency * 100:.3g}%", optional=True),
     _Column("div", lambda f: "—" if f.divergence is None else f"{f.divergence.nats:.2f}", optional=True),
     _Column("ν_ε", lambda f: "—" if f.checks.nu_eps is None else f"{f.checks.nu_eps:.2f}", optional=True),
+    _Column("seeds", lambda f: f.stability_text.removesuffix(" seeds").removesuffix(" seed") or "—",
+            justify="center", optional=True),
     _Column("checks", _check, justify="center"),
 )
-_DROP_ORDER = ("ν_ε", "freq", "score", "div")
+_DROP_ORDER = ("ν_ε", "freq", "score", "seeds", "div")
 
 
 def _title(report: AuditReport, owner: Owner, top: int) -> str:
@@ -147,10 +149,15 @@ class _Layout:
     explanation: int
 
 
+def _columns(rows: list[FeatureReport]) -> list[_Column]:
+    """The columns these rows need: "seeds" only for a seed ensemble's findings."""
+    return [c for c in _COLUMNS if c.name != "seeds" or any(f.stability_text for f in rows)]
+
+
 def _fit(rows: list[FeatureReport], width: int, explained: bool) -> _Layout:
     """Drop optional columns until the context (and the explanation) get a readable width within ``width``; an
     explanation that still cannot is left out rather than cut to a few characters."""
-    columns = list(_COLUMNS)
+    columns = _columns(rows)
     says = _width("says", [_says(f) for f in rows])
 
     def free(columns: list[_Column], explained: bool) -> int:
@@ -197,11 +204,12 @@ def feature_lines(report: AuditReport, owner: Owner, top: int = 10) -> list[str]
     """The same table as plain aligned text: a title, a header and one line per feature, never wrapped."""
     rows = report.features(owner)[:top]
     explained = any(f.explanation is not None for f in rows)
-    names = [c.name for c in _COLUMNS] + ["says", "top context"] + (["explanation (detection)"] if explained else [])
-    cells = [[str(c.cell(f)) for c in _COLUMNS] + [_says(f), _snippet(f, SNIPPET_CHARS, ("«", "»")).plain]
+    columns = _columns(rows)
+    names = [c.name for c in columns] + ["says", "top context"] + (["explanation (detection)"] if explained else [])
+    cells = [[str(c.cell(f)) for c in columns] + [_says(f), _snippet(f, SNIPPET_CHARS, ("«", "»")).plain]
              + ([_explanation(f)] if explained else []) for f in rows]  # fmt: skip
     widths = [_width(name, [row[i] for row in cells]) for i, name in enumerate(names)]
-    right = {c.name for c in _COLUMNS if c.justify == "right"}
+    right = {c.name for c in columns if c.justify == "right"}
 
     def line(values: list[str]) -> str:
         padded = []
@@ -252,8 +260,36 @@ def finding_evidence(report: AuditReport, owner: Owner, top: int = 3) -> list[st
         if feature.checks.null_checks:
             mark = "✓" if feature.checks.passed else "✗"
             texts = " · ".join(c.text for c in feature.checks.null_checks)
-            out.append(f"  {mark} #{feature.rank} feature {feature.index}: {texts}")
+            seeds = f" ({feature.stability_text})" if feature.stability_text else ""
+            out.append(f"  {mark} #{feature.rank} feature {feature.label}{seeds}: {texts}")
     return out
+
+
+def _quoted(text: str | None) -> str:
+    return "end of text" if text is None else repr(text)
+
+
+def scan_lines(report: AuditReport, owner: Owner, top: int = 5, width: int = 160) -> list[str]:
+    """The behaviour-first scan's ``top`` entries of ``owner``: what it says where, how likely the other model finds
+    it, and which features carry it (one line per entry, a second for the features)."""
+    entries = [e for e in report.divergent_contexts or [] if e.owner == owner][:top]
+    if not entries:
+        return []
+    other = "A" if owner == "B" else "B"
+    lines = [f"What {owner} says that {other} would not (behaviour-first scan, top {len(entries)}):"]
+    for e in entries:
+        mark = " " if e.passes_null is None else ("✓" if e.passes_null else "✗")
+        head = (f"  {mark} #{e.rank} says {_quoted(e.text)} (p {e.p_owner:.2f}; log p {owner} {e.logprob_owner:.1f}, "
+                f"{other} {e.logprob_other:.1f}) in {e.occurrences} doc{'s' if e.occurrences > 1 else ''}, "
+                f"score {e.score:.2f}: ")  # fmt: skip
+        context = " ".join(e.context.split())
+        room = max(16, width - cell_len(head))
+        lines.append(head + ("…" + context[-(room - 1) :] if len(context) > room else context))
+        if e.features:
+            named = [(f, f"{f.index}" if not f.run else f"{f.index}@seed{f.seed}") for f in e.features[:3]]
+            carried = ", ".join(f"{f.partition} {name} ({f.closes:.0%})" for f, name in named)
+            lines.append(f"      carried by {carried}")
+    return lines
 
 
 def print_summary(report: AuditReport, console: Console | None = None, top: int = 10) -> None:
@@ -284,4 +320,10 @@ def print_summary(report: AuditReport, console: Console | None = None, top: int 
         else:
             console.print(feature_table(report, owner, top, width=console.width))
         for line in finding_evidence(report, owner):
+            say(line if plain else _cut(line, max(20, console.width)))
+    for owner in ("B", "A"):
+        lines = scan_lines(report, owner, width=10_000 if plain else console.width)
+        if lines:
+            say("")
+        for line in lines:
             say(line if plain else _cut(line, max(20, console.width)))

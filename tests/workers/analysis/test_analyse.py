@@ -1,8 +1,5 @@
-"""Specification of the analyse, steer and publish stages on a real (tiny) audit.
-
-Tiny Llama (d=64) and Qwen3 (d=96) models with different tokenizers read a few thousand tokens of the built-in
-corpus; the pipeline driver runs all seven stages on a local Ray and a local folder standing in for the bucket.
-"""
+"""Specification of the analyse, steer and publish stages on a real (tiny) audit (the ``audit`` fixture of this
+package's conftest: every stage on a local Ray, a local folder standing in for the bucket)."""
 
 from __future__ import annotations
 
@@ -13,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 import torch
 
 from dfc.analysis.explain import one_line
 from dfc.config import CrosscoderConfig
 from dfc.crosscoder import Crosscoder
 from tests.fixtures.llm_server import KEY, MODEL, LLMServer, serve_llm
+from tests.workers.analysis.conftest import ALPHAS, STEERED, Audit, make_spec
 from workers.activations.extract import read_texts
 from workers.activations.shards import ShardReader
 from workers.analysis.analyse import analyse_stage, dfc_weights, partition
@@ -31,79 +28,6 @@ from workers.pipeline.status import AuditState, AuditStore
 from workers.report.build import build_report
 from workers.report.schema import AuditReport
 from workers.spec import AuditSpec
-from workers.storage import LocalStore, ObjectStore, open_store
-
-ALPHAS = [-4.0, 4.0]
-STEERED = 2
-
-
-def make_spec(tiny_models: Any, *, steering: bool = True, architecture: str = "dfc") -> AuditSpec:
-    return AuditSpec.model_validate({
-        "model_a": {"id": str(tiny_models["llama"])},
-        "model_b": {"id": str(tiny_models["qwen3"])},
-        "corpus": {"kind": "builtin"},
-        "token_budget": 4000,
-        "max_length": 128,
-        "crosscoder": {"architecture": architecture, "n_features": 256, "k": 8, "a_only": 0.1, "b_only": 0.1},
-        "training": {"steps": 30, "batch_size": 128, "lr": 3e-3, "checkpoint_every": 0},
-        "steering": {"enabled": steering, "top_n": STEERED, "alphas": ALPHAS,
-                     "probe_prompts": ["The capital of France is"], "max_new_tokens": 3},
-        "top_features": 6,
-    })  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    """A small local Ray for this module (or the one another module already started)."""
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-class Audit:
-    """One finished audit: its store, id, final status and the order in which the driver wrote objects."""
-
-    def __init__(self, root: Path, audit_id: str, puts: list[str]) -> None:
-        self.root, self.id, self.puts = root, audit_id, puts
-        self.store = LocalStore(root)
-
-    def key(self, name: str) -> str:
-        return f"audits/{self.id}/{name}"
-
-    def json(self, name: str) -> Any:
-        return self.store.get_json(self.key(name))
-
-    def report(self) -> AuditReport:
-        return AuditReport.model_validate_json(self.store.get_bytes(self.key("report/report.json")))
-
-
-@pytest.fixture(scope="module")
-def audit(ray_instance, tiny_models, tmp_path_factory) -> Audit:
-    root = tmp_path_factory.mktemp("bucket")
-    audit_id = AuditStore(LocalStore(root)).create(make_spec(tiny_models)).id
-    puts: list[str] = []
-
-    def recording_store(url: str, **settings: Any) -> ObjectStore:
-        store = open_store(url, **settings)
-        put = store.put_bytes
-
-        def put_bytes(key: str, data: bytes) -> None:
-            puts.append(key)
-            put(key, data)
-
-        store.put_bytes = put_bytes  # type: ignore[method-assign]
-        return store
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "open_store", recording_store)
-        status = run_audit(audit_id, str(root), work_dir=tmp_path_factory.mktemp("work"))
-    assert status.error is None and status.state is AuditState.SUCCEEDED
-    assert status.report_json == f"audits/{audit_id}/report/report.json"
-    assert status.report_html == f"audits/{audit_id}/report/report.html"
-    return Audit(root, audit_id, puts)
 
 
 def test_the_report_validates_and_ranks_each_models_features_with_their_score_components(audit):
@@ -146,15 +70,20 @@ def test_every_context_marks_a_token_that_occurs_in_its_stored_document(audit):
     assert checked >= 10
 
 
+def key(report: AuditReport, f: Any) -> int:
+    """A reported feature's ensemble key: what the stages' files name it by (its index in the first seed)."""
+    return (f.run or 0) * report.crosscoder.n_features + f.index
+
+
 def test_steering_screens_every_reported_feature_and_sweeps_the_final_top(audit):
     steering = audit.json("analysis/steering.json")
     report = audit.report()
     for side, features in (("a", report.features_a), ("b", report.features_b)):
         screens = steering["sides"][side]["screens"]
         # Every reported feature is screened: removal KL, what it makes its model say, the other model's view.
-        assert set(screens) == {str(f.index) for f in features}
+        assert set(screens) == {str(key(report, f)) for f in features}
         for f in features:
-            screen = screens[str(f.index)]
+            screen = screens[str(key(report, f))]
             assert screen["effect_measure"] == "gated_removal_kl" and screen["kl"] >= 0  # DFC features are gated
             assert f.divergence is not None and f.divergence.removal_kl == pytest.approx(max(0.0, screen["kl"]))
             assert all(t.gain > 0 and t.logprob_owner <= 0 and t.logprob_other <= 0 for t in f.divergence.tokens)
@@ -162,7 +91,7 @@ def test_steering_screens_every_reported_feature_and_sweeps_the_final_top(audit)
             assert f.divergence.nats == pytest.approx(expected / f.divergence.contexts)
         # The sweeps go to the features that rank first once the screens are in.
         steered = steering["sides"][side]["features"]
-        assert [r["feature"] for r in steered] == [f.index for f in features[:STEERED]]
+        assert [r["feature"] for r in steered] == [key(report, f) for f in features[:STEERED]]
         for record in steered:
             assert [p["alpha"] for p in record["sweeps"]["additive"]["points"]] == ALPHAS
             assert [p["alpha"] for p in record["sweeps"]["gated"]["points"]] == ALPHAS  # DFC features are gated
@@ -184,8 +113,9 @@ def test_steering_screens_every_reported_feature_and_sweeps_the_final_top(audit)
 def test_publish_writes_the_html_last_with_the_top_features_card(audit):
     report = audit.report()
     page = audit.store.get_bytes(audit.key("report/report.html")).decode()
-    assert f'id="feature-b-{report.features_b[0].index}"' in page
-    assert f'id="feature-a-{report.features_a[0].index}"' in page
+    for f in (report.features_b[0], report.features_a[0]):  # a feature of another seed's card says which
+        suffix = f"-run{f.run}" if f.run else ""
+        assert f'id="feature-{f.owner.lower()}-{f.index}{suffix}"' in page
     order = [audit.puts.index(audit.key(name)) for name in
              ("analysis/features.json", "report/report.json", "report/report.html", "stages/publish.json")]
     assert order == sorted(order)
@@ -339,7 +269,7 @@ def test_the_top_features_are_explained_from_their_contexts_judged_and_shown_in_
             assert e.text.removeprefix('fires on the token "').removesuffix('"') in {
                 c.token.strip() for c in f.top_contexts}
             assert html.escape(e.text) in page
-            quiet = sum(f.index not in p["fired"] for p in pool)  # openings it does not fire in: random contexts
+            quiet = sum(key(report, f) not in p["fired"] for p in pool)  # openings it does not fire in: random contexts
             if quiet < 2:  # too few to judge against
                 assert e.detection_score is None and e.detection_contexts is None
                 continue

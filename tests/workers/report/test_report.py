@@ -18,7 +18,7 @@ from rich.console import Console
 from workers.report.fixtures import example_report
 from workers.report.html import render_html
 from workers.report.schema import SCHEMA_VERSION, AuditReport, Context, Continuation, FeatureReport
-from workers.report.terminal import feature_table, print_summary
+from workers.report.terminal import feature_table, print_summary, scan_lines
 
 EVIL = "<script>alert(1)</script>"
 EVIL_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
@@ -72,7 +72,7 @@ def test_report_round_trips_exactly_through_json(report: AuditReport) -> None:
     again = AuditReport.model_validate_json(text)
     assert again == report
     assert again.model_dump_json() == text
-    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.5"
+    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.6"
 
 
 def test_every_schema_field_has_a_description() -> None:
@@ -361,7 +361,7 @@ def test_a_narrow_terminal_leaves_out_the_columns_that_matter_least(report: Audi
         header = next(line for line in text.splitlines() if line.startswith("┃"))
         return [h.strip() for h in header.strip("┃").split("┃")], text
 
-    everything = ["rank", "feature", "score", "freq", "div", "ν_ε", "checks", "top context", "says"]
+    everything = ["rank", "feature", "score", "freq", "div", "ν_ε", "seeds", "checks", "top context", "says"]
     assert table(unexplained, 200)[0] == everything
     assert table(unexplained, 80)[0] == ["rank", "feature", "div", "checks", "top context", "says"]
     assert table(unexplained, 60)[0] == ["rank", "feature", "checks", "top context", "says"]
@@ -506,3 +506,60 @@ def test_the_shipped_calibration_is_from_null_pairs_and_a_spec_can_bring_its_own
     assert calibration_for(own.model_dump()).thresholds == {"divergence": 2.0}
     with pytest.raises(ValidationError, match="unknown check statistics"):
         NullCalibrationSpec(thresholds={"loudness": 1.0}, percentiles={"loudness": 99}, null_pairs=1, null_features=1)
+
+
+def test_a_report_from_before_ensembles_and_the_scan_still_opens_with_no_seeds_and_no_scan(report):
+    data = json.loads(report.model_dump_json())
+    data["schema_version"] = "1.5"
+    for key in ("ensemble", "divergent_contexts", "scan"):
+        del data[key]
+    for feature in data["features_a"] + data["features_b"]:
+        for key in ("run", "seed", "stability", "seeds"):
+            del feature[key]
+        del feature["score_components"]["stability"], feature["score_weights"]["stability"]
+    old = AuditReport.model_validate(data)
+    assert old.ensemble is None and old.divergent_contexts is None and old.scan is None
+    assert all(f.stability is None and f.label == str(f.index) and f.stability_text == "" for f in old.features_b)
+    out = io.StringIO()
+    print_summary(old, Console(file=out, width=200, color_system=None, force_terminal=False))
+    text = out.getvalue()
+    assert "seeds" not in text and "behaviour-first scan" not in text  # nothing to show, no empty column
+    page = render_html(old)
+    assert 'id="divergent"' not in page and "Divergent contexts" not in page
+
+
+def test_two_findings_of_different_seeds_may_share_an_index_but_one_seed_may_not_list_it_twice(report):
+    first, second = report.features_b[0], report.features_b[1]
+    other_seed = second.model_copy(update={"index": first.index, "run": 1, "seed": 1})
+    ok = report.model_copy(update={"features_b": [first, other_seed, *report.features_b[2:]]})
+    AuditReport.model_validate(ok.model_dump())
+    assert other_seed.label == f"{first.index}@seed1" and first.label == str(first.index)
+    twice = report.model_copy(update={"features_b": [first, second.model_copy(update={"index": first.index}),
+                                                      *report.features_b[2:]]})  # fmt: skip
+    with pytest.raises(ValidationError, match=f"index={first.index} of run 0 appears twice"):
+        AuditReport.model_validate(twice.model_dump())
+    page = render_html(ok)  # each has its own card anchor
+    assert f'id="feature-b-{first.index}"' in page and f'id="feature-b-{first.index}-run1"' in page
+
+
+def test_the_terminal_lists_what_each_model_says_that_the_other_would_not_and_what_carries_it(report):
+    out = io.StringIO()
+    print_summary(report, Console(file=out, width=160, color_system=None, force_terminal=False))
+    text = out.getvalue()
+    b_first = next(e for e in report.divergent_contexts if e.owner == "B")
+    assert "What B says that A would not (behaviour-first scan" in text and "What A says that B would not" in text
+    assert f"#1 says {b_first.text!r}" in text and f"in {b_first.occurrences} docs" in text
+    absorbed = next(e for e in report.divergent_contexts if e.owner == "B" and e.features[0].partition == "shared")
+    assert f"carried by shared {absorbed.features[0].index}@seed1 ({absorbed.features[0].closes:.0%})" in text
+    lines = [line for line in text.splitlines() if "says" in line and "score" in line]
+    assert all(len(line) <= 160 for line in scan_lines(report, "B", width=160))
+    assert lines
+
+
+def test_the_page_lists_divergent_contexts_with_links_to_the_cards_of_the_features_that_carry_them(report, page):
+    assert 'id="divergent"' in page and "Divergent contexts" in page
+    for e in report.divergent_contexts:
+        for link in e.features:
+            anchor = f'href="#feature-{e.owner.lower()}-{link.index}"'
+            assert (anchor in page) == (link.reported and link.partition != "shared")
+    assert "score above 120" in page  # the scan's null threshold is stated
