@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.fixtures.llm_server import KEY, MODEL, LLMServer, serve_llm
 from workers.planted.pair import PlantedPair
-from workers.planted.truth import AuditArtifacts, removal_effect
+from workers.planted.truth import AuditArtifacts, judge_scan, removal_effect
 from workers.report.schema import AuditReport, FeatureReport
 from workers.storage import open_store
 
@@ -87,6 +87,23 @@ def test_the_demo_ranks_the_planted_feature_in_bs_top_three_and_it_is_causal(dem
     audit = AuditArtifacts.read(open_store(str(demo)), audit_id, demo / "cc")
     model = AutoModelForCausalLM.from_pretrained(planted_pair.model_b_dir).eval()
     tok = AutoTokenizer.from_pretrained(planted_pair.model_b_dir)
-    effect = removal_effect(model, tok, audit.crosscoder, planted.index, audit.layer_b, planted_pair)
+    effect = removal_effect(model, tok, audit.crosscoders[planted.run or 0], planted.index, audit.layer_b, planted_pair)
     assert effect.drop >= 0.5, f"suppression cut P(planted) by only {effect.drop:.0%} ({effect})"
     assert effect.neutral_kl < 0.01, f"neutral next-token KL {effect.neutral_kl:.4f}"
+
+
+def test_the_demos_behaviour_first_scan_puts_the_planted_response_first_and_names_what_carries_it(demo, planted_pair):
+    _, report = _report(demo)
+    verdict = judge_scan(report, planted_pair.trigger, planted_pair.planted_continuation)
+    assert verdict.found_at == 1, [(e.rank, e.text, e.context[-60:]) for e in report.divergent_contexts or []][:5]
+    top = next(e for e in report.divergent_contexts or [] if e.owner == "B")
+    # B says it where A finds it (nearly) impossible, in many documents, well above the null pairs' entries.
+    assert top.logprob_other < top.logprob_owner - 5 and top.occurrences >= 10
+    assert report.scan is not None
+    if report.scan.null_threshold is None:
+        assert top.passes_null is None
+    else:
+        assert top.passes_null is True and top.score > report.scan.null_threshold
+    # Removing the features that carry it, one at a time, closes a real share of the gap; the best first.
+    assert top.features and top.features[0].closes > 0.3
+    assert [f.closes for f in top.features] == sorted((f.closes for f in top.features), reverse=True)
