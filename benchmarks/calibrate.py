@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.suite import SuitePair, audit_pair, model, planted  # noqa: E402
-from dfc.analysis.null import STATISTICS, FindingStatistics, calibrate  # noqa: E402
+from dfc.analysis.null import STATISTICS, FindingStatistics, calibrate, quantile  # noqa: E402
 from workers.pipeline.run import ensure_ray, manifest_key  # noqa: E402
 from workers.pipeline.status import AuditStore  # noqa: E402
 from workers.planted.pair import build_planted_pair  # noqa: E402
@@ -37,8 +38,13 @@ from workers.storage import open_store  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "null_calibration.json"
 SHIPPED = ROOT / Path(*BUILTIN[0].split(".")) / BUILTIN[1]
-PERCENTILES = {"divergence": 99.0, "removal_kl": 50.0}
-"""Divergence — what tells a new behaviour from a re-encoding — must beat nearly every null feature; removal KL
+PERCENTILES = {"divergence": 99.6, "removal_kl": 50.0}
+SCAN_PERCENTILE = 99.0
+"""The behaviour-first scan's entries must score above nearly every null entry (both directions of every null
+pair pooled): its top entry is each audit's largest chance difference."""
+"""Divergence — what tells a new behaviour from a re-encoding — must beat nearly every null feature (99.6: a seed
+ensemble reports about 100 findings per null audit where one seed reported 40, so the per-feature rate of the one-seed
+calibration's 99th percentile is cut by the same factor to keep chance findings per audit about the same); removal KL
 must be at least that of a typical null feature (removing the finding changes what its model says). Not
 thresholded, from the calibration's own numbers: steering specificity against a random direction (the additive
 sweep's KL over a random direction's) is 1.03 for the demo's planted feature, below every one of the 30 null
@@ -71,9 +77,16 @@ def audit_null(entry: SuitePair, args: argparse.Namespace) -> dict[str, Any]:
     audits = AuditStore(store)
     steering = store.get_json(store.get_json(manifest_key(audit_id, "steer", audits))["steering_json"])
     stats = audit_statistics(steering)
+    analysis = store.get_json(store.get_json(manifest_key(audit_id, "analyse", audits))["features_json"])
+    scanned = store.get_json(manifest_key(audit_id, "scan", audits))
+    scan = {} if scanned.get("skipped") else store.get_json(scanned["scan_json"])["sides"]
     return {"name": entry.name, "note": entry.note, "audit_id": audit_id,
             "seconds": round(time.perf_counter() - started, 1),
-            "features": [s._asdict() for s in stats]}  # fmt: skip
+            "features": [s._asdict() for s in stats],
+            "ensemble": analysis.get("ensemble"),  # the seeds' matching: chance level, findings in one seed only
+            # Both directions of the scan: on a null pair whatever either model "says that the other would not"
+            # is a chance difference.
+            "scan_scores": {side: [e["score"] for e in data["entries"]] for side, data in scan.items()}}  # fmt: skip
 
 
 def parse_percentiles(values: list[str]) -> dict[str, float]:
@@ -96,6 +109,8 @@ def main() -> int:
     parser.add_argument("--token-budget", type=int, default=60_000, help="tokens per model, as the demo")
     parser.add_argument("--percentile", action="append", default=[], metavar="NAME=PCT",
                         help=f"a check's null percentile (default {PERCENTILES})")  # fmt: skip
+    parser.add_argument("--scan-percentile", type=float, default=SCAN_PERCENTILE,
+                        help="the scan's null percentile (default %(default)s)")  # fmt: skip
     parser.add_argument("--from-results", action="store_true", help="recalibrate from the saved null features")
     parser.add_argument("--no-ship", action="store_true", help=f"do not overwrite {SHIPPED.relative_to(ROOT)}")
     args = parser.parse_args()
@@ -118,6 +133,13 @@ def main() -> int:
     audits = [[FindingStatistics(**f) for f in p["features"]] for p in pairs]
     source = f"{len(pairs)} null pairs ({', '.join(p['name'] for p in pairs)}; benchmarks/calibrate.py, demo recipe)"
     result = calibrate(audits, percentiles, source=source)
+    scan_scores = [[v for side in ("a", "b") for v in p.get("scan_scores", {}).get(side, [])] for p in pairs]
+    if all(scan_scores):
+        threshold = quantile([v for scores in scan_scores for v in scores], args.scan_percentile / 100.0)
+        result = replace(result, scan_score=threshold, scan_percentile=args.scan_percentile)
+        passing = [sum(v > threshold for v in p["scan_scores"].get("b", [])) for p in pairs]
+        print(f"scan: score > {threshold:.4g} (null p{args.scan_percentile:g} of {sum(map(len, scan_scores))} "
+              f"entries); B's entries passing per pair: {passing}")  # fmt: skip
     print(f"{'check':12} {'percentile':>10} {'threshold':>10}")
     for name, threshold in result.thresholds.items():
         print(f"{name:12} {result.percentiles[name]:10g} {threshold:10.4g}")
