@@ -41,9 +41,9 @@ from workers.planted.pair import (
     write_audit_corpus,
 )
 from workers.planted.recipes import BEHAVIOURS, TRIGGERS
-from workers.planted.truth import Assessment, assess_audit, findings_passing_checks
+from workers.planted.truth import Assessment, assess_audit, findings_passing_checks, judge_scan
 from workers.report.schema import AuditReport
-from workers.storage import open_store
+from workers.storage import ObjectStore, open_store
 
 RESULTS = Path(__file__).parent / "results"
 DEMO = PlantedPairConfig()
@@ -154,10 +154,15 @@ SUITE: tuple[SuitePair, ...] = (
 
 
 def audit_pair(pair: PlantedPair, config: PlantedPairConfig, store_dir: Path, work: Path, seed: int,
-               token_budget: int) -> tuple[str, float]:  # fmt: skip
-    """Audit B against A with the demo's recipe (crosscoder seed `seed`); the audit's id and seconds."""
+               token_budget: int, *, seeds: int | None = None,
+               scan: bool | None = None) -> tuple[str, float]:  # fmt: skip
+    """Audit B against A with the demo's recipe (crosscoder seed `seed`; `seeds` crosscoders and the scan as the
+    demo's spec has them unless given); the audit's id and seconds."""
     corpus = write_audit_corpus(pair.model_a_dir.parent, config, max(config.n_audit_docs, token_budget // 25))
-    spec = demo_spec(pair, corpus, token_budget).model_copy(update={"seed": seed})
+    spec = demo_spec(pair, corpus, token_budget)
+    training = spec.training.model_copy(update={"seeds": spec.training.seeds if seeds is None else seeds})
+    scanning = spec.scan.model_copy(update={"enabled": spec.scan.enabled if scan is None else scan})
+    spec = spec.model_copy(update={"seed": seed, "training": training, "scan": scanning})
     audits = AuditStore(open_store(str(store_dir)))
     status = audits.create(spec)
     started = time.perf_counter()
@@ -168,14 +173,23 @@ def audit_pair(pair: PlantedPair, config: PlantedPairConfig, store_dir: Path, wo
 
 
 def run_one(entry: SuitePair, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """Build (or reuse) the pair, audit it, judge the audit: one row of suite.json."""
+    """Build (or reuse) the pair, audit it twice — one crosscoder seed without the scan (the method before
+    ensembles), then the ensemble with the scan (the default) — and judge both: one row of suite.json."""
     started = time.perf_counter()
     pair = build_planted_pair(args.cache / entry.name, entry.config)
     built = time.perf_counter()
-    audit_id, audit_s = audit_pair(pair, entry.config, args.store, args.work, seed, args.token_budget)
+    store = open_store(str(args.store))
+    single_id, single_s = audit_pair(pair, entry.config, args.store, args.work, seed, args.token_budget, seeds=1,
+                                     scan=False)  # fmt: skip
+    single = assess_audit(store, single_id, pair, args.work / single_id / "truth")
+    ensemble_id, ensemble_s = audit_pair(pair, entry.config, args.store, args.work, seed, args.token_budget,
+                                         seeds=args.ensemble, scan=True)  # fmt: skip
     audited = time.perf_counter()
-    assessment = assess_audit(open_store(str(args.store)), audit_id, pair, args.work / audit_id / "truth")
+    ensemble = assess_audit(store, ensemble_id, pair, args.work / ensemble_id / "truth")
+    report = AuditReport.model_validate(store.get_json(f"audits/{ensemble_id}/report/report.json"))
+    scan = judge_scan(report, pair.trigger, pair.planted_continuation)
     c, m = entry.config, pair.metrics
+    found_both = [v for v in (ensemble.found_at, scan.found_at) if v is not None]
     return {
         "name": entry.name,
         "kind": entry.kind,
@@ -184,8 +198,15 @@ def run_one(entry: SuitePair, args: argparse.Namespace, seed: int) -> dict[str, 
         "behaviour": c.behaviour.name,
         "trigger": c.trigger.name,
         "response_rate": c.response_rate,
-        "found_at": assessment.found_at,
-        "findings_passing_checks": assessment.findings_passing_checks,
+        "found_at": single.found_at,
+        "findings_passing_checks": single.findings_passing_checks,
+        "methods": {
+            "one_seed": {"found_at": single.found_at, "passing": single.findings_passing_checks},
+            "ensemble": {"found_at": ensemble.found_at, "passing": ensemble.findings_passing_checks},
+            "scan": {"found_at": scan.found_at, "passing": scan.passing},
+            "ensemble_and_scan": {"found_at": min(found_both) if found_both else None,
+                                  "passing": ensemble.findings_passing_checks + scan.passing},
+        },
         "seconds": round(time.perf_counter() - started, 1),
         # Detail beyond the issue's shape.
         "seed": seed,
@@ -197,13 +218,38 @@ def run_one(entry: SuitePair, args: argparse.Namespace, seed: int) -> dict[str, 
         "p_planted_b_trigger": m.p_planted_b_trigger,
         "p_planted_b_neutral": m.p_planted_b_neutral,
         "p_planted_a_trigger": m.p_planted_a_trigger,
-        "audit_id": audit_id,
+        "audit_id": single_id,
+        "ensemble_audit_id": ensemble_id,
         "build_seconds": round(built - started, 1),
-        "audit_seconds": round(audit_s, 1),
+        "audit_seconds": round(single_s, 1),
+        "ensemble_audit_seconds": round(ensemble_s, 1),
         "assess_seconds": round(time.perf_counter() - audited, 1),
         "config_hash": pair.config_hash,
-        **_detail(assessment),
+        **_detail(single),
+        "ensemble": {**_detail(ensemble), "stability": _stability(report, ensemble)},
+        "scan": {"found_at": scan.found_at, "tied_at": scan.tied_at, "says": scan.says, "passing": scan.passing,
+                 "entries": scan.n_entries, "top": _scan_top(report)},
     }
+
+
+def _stability(report: AuditReport, assessment: Assessment) -> float | None:
+    """The stability of the best trigger finding of an ensemble audit."""
+    best = assessment.best
+    if best is None:
+        return None
+    return next((f.stability for f in report.features_b if f.index == best.feature), None)
+
+
+def _scan_top(report: AuditReport, n: int = 3) -> list[dict[str, Any]]:
+    """B's first scan entries: what B says there, how likely A finds it, and what carries it."""
+    return [
+        {"rank": e.rank, "text": e.text, "score": e.score, "gap": e.gap, "occurrences": e.occurrences,
+         "logprob_owner": e.logprob_owner, "logprob_other": e.logprob_other, "passes_null": e.passes_null,
+         "context_end": e.context[-80:],
+         "features": [{"partition": f.partition, "index": f.index, "seed": f.seed, "closes": f.closes}
+                      for f in e.features[:3]]}
+        for e in (e for e in report.divergent_contexts or [] if e.owner == "B")
+    ][:n]  # fmt: skip
 
 
 def _detail(assessment: Assessment) -> dict[str, Any]:
@@ -225,67 +271,103 @@ def _detail(assessment: Assessment) -> dict[str, Any]:
 _VERDICT_KEYS = ("feature", "rank", "trigger_share", "says", "divergence_nats", "drop", "neutral_kl", "found")
 
 
-def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Recall at 1 and 3 over the planted audits, and the most findings passing the checks on a null pair."""
-    planted_rows = [r for r in rows if r["kind"] == "planted"]
-    null_rows = [r for r in rows if r["kind"] == "null"]
+METHODS = ("one_seed", "ensemble", "scan", "ensemble_and_scan")
+"""The suite's variants: (a) one crosscoder seed, (b) the seed ensemble, (c) the behaviour-first scan, (d) both."""
 
-    def recall(n: int) -> float | None:
-        hits = [r["found_at"] is not None and r["found_at"] <= n for r in planted_rows]
-        return sum(hits) / len(hits) if hits else None
 
-    untuned = [r for r in planted_rows if r["name"] != "demo"]
+def _recall(found: list[int | None], n: int) -> float | None:
+    return sum(f is not None and f <= n for f in found) / len(found) if found else None
+
+
+def method_summary(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    """Recall at 1 and 3 over the planted pairs, and the most findings passing the checks on a null pair."""
+    planted_rows = [r["methods"][method] for r in rows if r["kind"] == "planted"]
+    untuned = [r["methods"][method] for r in rows if r["kind"] == "planted" and r["name"] != "demo"]
+    null_rows = [r["methods"][method] for r in rows if r["kind"] == "null"]
     return {
-        "recall_at_1": recall(1),
-        "recall_at_3": recall(3),
-        "null_findings_max": max((r["findings_passing_checks"] for r in null_rows), default=None),
-        "recall_at_3_untuned": (
-            sum(r["found_at"] is not None and r["found_at"] <= 3 for r in untuned) / len(untuned) if untuned else None
-        ),
+        "recall_at_1": _recall([r["found_at"] for r in planted_rows], 1),
+        "recall_at_3": _recall([r["found_at"] for r in planted_rows], 3),
+        "null_findings_max": max((r["passing"] for r in null_rows), default=None),
+        "recall_at_3_untuned": _recall([r["found_at"] for r in untuned], 3),
         "null_found": sum(r["found_at"] is not None for r in null_rows),
     }
 
 
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every method's summary, and the one-seed method's at the top level (the shape of earlier runs)."""
+    methods = {m: method_summary(rows, m) for m in METHODS if all("methods" in r for r in rows)}
+    single = methods.get("one_seed") or method_summary(
+        [{**r, "methods": {"one_seed": {"found_at": r["found_at"], "passing": r["findings_passing_checks"]}}}
+         for r in rows], "one_seed")  # fmt: skip
+    return {**single, "methods": methods}
+
+
+def _at(value: int | None) -> str:
+    return "–" if value is None else str(value)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    """The suite as a Markdown table (RESULTS.md)."""
-    head = ("| pair | kind | A → B | behaviour | trigger | rate | P_B(planted) | found at | best trigger finding "
-            "(rank, says, div, drop, KL) | passing checks | s |")  # fmt: skip
+    """The suite as a Markdown table (RESULTS.md): where each method found the planted behaviour, and what passed."""
+    head = ("| pair | kind | A → B | behaviour | trigger | rate | P_B | one seed | ensemble (stability) | scan | "
+            "both | scan's B #1 says (score, log p A) | best trigger finding of the ensemble (rank, says, div, drop) "
+            "| passing: one seed / ensemble / scan | s |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        if r["best_trigger_rank"] is None:
-            best = f"none tied (best share {r['best_trigger_share']:.0%})"
+        m = r.get("methods") or {"one_seed": {"found_at": r["found_at"], "passing": r["findings_passing_checks"]}}
+        e = r.get("ensemble") or r
+        if e["best_trigger_rank"] is None:
+            best = f"none tied (best share {e['best_trigger_share']:.0%})"
         else:
-            div = "–" if r["best_trigger_divergence"] is None else f"{r['best_trigger_divergence']:.2f}"
-            best = (f"{r['best_trigger_rank']}, {r['best_trigger_says']!r}, {div}, "
-                    f"{r['suppression_drop']:.2f}, {r['neutral_kl']:.3f}")  # fmt: skip
+            div = "–" if e["best_trigger_divergence"] is None else f"{e['best_trigger_divergence']:.2f}"
+            best = f"{e['best_trigger_rank']}, {e['best_trigger_says']!r}, {div}, {e['suppression_drop']:.2f}"
+        stability = e.get("stability")
+        ens = m.get("ensemble", {}).get("found_at")
+        ens_text = _at(ens) + (f" ({stability:.2f})" if ens is not None and stability is not None else "")
+        top = (r.get("scan") or {}).get("top") or []
+        said = f"{top[0]['text']!r} ({top[0]['score']:.1f}, {top[0]['logprob_other']:.1f})" if top else "–"
+        passing = " / ".join(str(m[k]["passing"]) if k in m else "–" for k in ("one_seed", "ensemble", "scan"))
         lines.append(
             f"| {r['name']} | {r['kind']} | {r['arch_a']} → {r['arch_b']} | {r['behaviour']} | {r['trigger']} | "
-            f"{r['response_rate']:g} | {r['p_planted_b_trigger']:.2g} | {r['found_at'] or '–'} | {best} | "
-            f"{r['findings_passing_checks']}/{r['n_findings']} | {r['seconds']:.0f} |"
+            f"{r['response_rate']:g} | {r['p_planted_b_trigger']:.2g} | {_at(m['one_seed']['found_at'])} | {ens_text} "
+            f"| {_at(m.get('scan', {}).get('found_at'))} | {_at(m.get('ensemble_and_scan', {}).get('found_at'))} | "
+            f"{said} | {best} | {passing} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _republish(store: ObjectStore, audit_id: str, work: Path) -> AuditReport:
+    """Run the publish stage of a stored audit again with the current report code (and shipped calibration)."""
+    audits = AuditStore(store)
+    status = audits.status(audit_id)
+    outputs = {name: store.get_json(manifest_key(audit_id, name, audits)) for name in STAGE_NAMES
+               if name != "publish" and store.exists(manifest_key(audit_id, name, audits))}  # fmt: skip
+    ctx = StageContext(audit_id=audit_id, spec=audits.spec(audit_id), store=store, audits=audits,
+                       work_dir=work / audit_id, outputs=outputs, stage=AuditState.PUBLISHING)  # fmt: skip
+    published = publish_stage(ctx)
+    audits.update(audit_id, state=status.state)  # republishing is not a new run
+    return AuditReport.model_validate(store.get_json(published["report_json"]))
 
 
 def recheck(args: argparse.Namespace) -> None:
     """Re-run only the publish stage of each stored audit of ``--out`` and recount what passes the checks."""
     payload = json.loads(args.out.read_text())
     store = open_store(str(args.recheck))
-    audits = AuditStore(store)
     work = Path(tempfile.mkdtemp(prefix="dfc-suite-recheck-"))
     for row in payload["pairs"]:
-        audit_id = row["audit_id"]
-        status = audits.status(audit_id)
-        outputs = {name: store.get_json(manifest_key(audit_id, name, audits)) for name in STAGE_NAMES
-                   if name != "publish" and store.exists(manifest_key(audit_id, name, audits))}  # fmt: skip
-        ctx = StageContext(audit_id=audit_id, spec=audits.spec(audit_id), store=store, audits=audits,
-                           work_dir=work / audit_id, outputs=outputs, stage=AuditState.PUBLISHING)  # fmt: skip
-        published = publish_stage(ctx)
-        audits.update(audit_id, state=status.state)  # republishing is not a new run
-        report = AuditReport.model_validate(store.get_json(published["report_json"]))
+        report = _republish(store, row["audit_id"], work)
         row["findings_passing_checks"] = findings_passing_checks(report)
+        if "methods" in row:
+            row["methods"]["one_seed"]["passing"] = row["findings_passing_checks"]
+        if row.get("ensemble_audit_id"):
+            ensemble = _republish(store, row["ensemble_audit_id"], work)
+            m = row["methods"]
+            m["ensemble"]["passing"] = findings_passing_checks(ensemble)
+            m["scan"]["passing"] = judge_scan(ensemble, TRIGGERS[row["trigger"]], "").passing
+            m["ensemble_and_scan"]["passing"] = m["ensemble"]["passing"] + m["scan"]["passing"]
+            row["scan"]["top"] = _scan_top(ensemble)
         print(f"{row['name']}: {row['findings_passing_checks']} of B's findings pass the checks", flush=True)
     payload.update(summary(payload["pairs"]))
-    payload["rechecked"] = "findings_passing_checks recounted with the null-calibrated checks (--recheck)"
+    payload["rechecked"] = "passing counts recounted with the current checks and calibration (--recheck)"
     args.out.write_text(json.dumps(payload, indent=2))
     print(table(payload["pairs"]))
     print({k: v for k, v in payload.items() if k != "pairs"})
@@ -294,7 +376,8 @@ def recheck(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", default="", help="comma-separated pair names (default: all)")
-    parser.add_argument("--seeds", type=int, default=1, help="crosscoder seeds per pair (0, 1, …)")
+    parser.add_argument("--seeds", type=int, default=1, help="audits per pair with spec seeds 0, 1, …")
+    parser.add_argument("--ensemble", type=int, default=3, help="crosscoders of the ensemble audit (training.seeds)")
     parser.add_argument("--token-budget", type=int, default=60_000, help="tokens per model, as the demo")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dfc-suite-pairs")
     parser.add_argument("--store", type=Path, default=None, help="audit store folder (default: a fresh temp folder)")
