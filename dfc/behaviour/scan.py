@@ -23,7 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from dfc.lm.align import align_offsets
-from dfc.lm.hooks import block_hidden_state, find_decoder_layers, input_device, pad_right, tokenize_document
+from dfc.lm.hooks import (
+    block_hidden_state,
+    find_decoder_layers,
+    input_device,
+    pad_right,
+    tokenize_document,
+    with_block_hidden_state,
+)
 from dfc.lm.scoring import LOGPROB_FLOOR, MAX_LOGITS, Forwards, TokenTexts, continuation_logprob, eos_id, token_texts
 
 BATCH_DOCUMENTS = 8
@@ -444,16 +451,6 @@ def divergent_contexts(
 # --- attribution: which vector, removed at the context's last token, closes the gap -----------------------------
 
 
-def _replace_hidden(output: Any, hidden: Tensor) -> Any:
-    if isinstance(output, Tensor):
-        return hidden
-    if isinstance(output, tuple):
-        return (hidden, *output[1:])
-    if isinstance(output, list):
-        return [hidden, *output[1:]]
-    raise TypeError(f"cannot change a block output of type {type(output).__name__}")
-
-
 @torch.no_grad()
 def _last_logprobs_removed(model: nn.Module, layer: int, ids: Tensor, vectors: Tensor, last_only: bool) -> Tensor:
     """``[len(vectors), vocab]`` next-token log-probabilities after ``ids``, row r with ``vectors[r]`` subtracted from
@@ -466,7 +463,7 @@ def _last_logprobs_removed(model: nn.Module, layer: int, ids: Tensor, vectors: T
                              f"{hidden.shape[-1]}; were they taken from the other model's decoder?")  # fmt: skip
         changed = hidden.clone()
         changed[:, -1] -= vectors.to(device=hidden.device, dtype=hidden.dtype)
-        return _replace_hidden(output, changed)
+        return with_block_hidden_state(output, changed)
 
     kwargs = {"logits_to_keep": 1} if last_only else {}
     handle = find_decoder_layers(model).layers[layer].register_forward_hook(remove)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dfc.crosscoder import Crosscoder
-from dfc.lm.hooks import block_hidden_state, find_decoder_layers, input_device
+from dfc.lm.hooks import block_hidden_state, find_decoder_layers, input_device, with_block_hidden_state
 
 Side = Literal["a", "b"]
 Prompts = Sequence[str] | Sequence[Tensor]
@@ -137,13 +137,10 @@ def steer(
                 f"steering coefficient α={alpha} produced non-finite activations at layer {layer_index}; "
                 "use a smaller |α| or compute in float32"
             )
-        if isinstance(output, Tensor):
-            return steered
-        if isinstance(output, tuple):
-            return (steered, *output[1:])
-        if isinstance(output, list):
-            return [steered, *output[1:]]
-        raise SteeringError(f"cannot steer a block output of type {type(output).__name__}")
+        try:
+            return with_block_hidden_state(output, steered)
+        except TypeError as exc:
+            raise SteeringError(f"cannot steer: {exc}") from None
 
     handle = layers[layer_index].register_forward_hook(add)
     try:

@@ -91,6 +91,17 @@ def block_hidden_state(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the hidden state in a block output of type {type(output).__name__}")
 
 
+def with_block_hidden_state(output: Any, hidden: torch.Tensor) -> Any:
+    """A block's output with its residual-stream tensor replaced (what a forward hook returns to change it)."""
+    if isinstance(output, torch.Tensor):
+        return hidden
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    raise TypeError(f"cannot change the hidden state of a block output of type {type(output).__name__}")
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids must go: the device of the input embeddings (CPU if they are offloaded)."""
     get_emb = getattr(model, "get_input_embeddings", None)
