@@ -28,13 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.suite import SuitePair, audit_pair, model, planted  # noqa: E402
+from benchmarks.suite import SuitePair, audit_pair, model, planted, rerun_from  # noqa: E402
 from dfc.analysis.null import STATISTICS, FindingStatistics, calibrate, quantile  # noqa: E402
 from workers.pipeline.run import ensure_ray, manifest_key  # noqa: E402
 from workers.pipeline.status import AuditStore  # noqa: E402
 from workers.planted.pair import build_planted_pair  # noqa: E402
 from workers.report.checks import BUILTIN, audit_statistics  # noqa: E402
-from workers.storage import open_store  # noqa: E402
+from workers.storage import ObjectStore, open_store  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "null_calibration.json"
 SHIPPED = ROOT / Path(*BUILTIN[0].split(".")) / BUILTIN[1]
@@ -73,20 +73,27 @@ def audit_null(entry: SuitePair, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     pair = build_planted_pair(args.cache / entry.name, entry.config)
     audit_id, _ = audit_pair(pair, entry.config, args.store, args.work, 0, args.token_budget)
-    store = open_store(str(args.store))
+    return {"name": entry.name, "note": entry.note, "audit_id": audit_id,
+            "seconds": round(time.perf_counter() - started, 1),
+            **null_statistics(open_store(str(args.store)), audit_id)}  # fmt: skip
+
+
+def null_statistics(store: ObjectStore, audit_id: str) -> dict[str, Any]:
+    """What a null audit stored that the calibration reads: every ranked feature's statistics, the ensemble's
+    matching and both directions of the scan."""
     audits = AuditStore(store)
     steering = store.get_json(store.get_json(manifest_key(audit_id, "steer", audits))["steering_json"])
     stats = audit_statistics(steering)
     analysis = store.get_json(store.get_json(manifest_key(audit_id, "analyse", audits))["features_json"])
     scanned = store.get_json(manifest_key(audit_id, "scan", audits))
     scan = {} if scanned.get("skipped") else store.get_json(scanned["scan_json"])["sides"]
-    return {"name": entry.name, "note": entry.note, "audit_id": audit_id,
-            "seconds": round(time.perf_counter() - started, 1),
-            "features": [s._asdict() for s in stats],
+    return {"features": [s._asdict() for s in stats],
             "ensemble": analysis.get("ensemble"),  # the seeds' matching: chance level, findings in one seed only
             # Both directions of the scan: on a null pair whatever either model "says that the other would not"
             # is a chance difference.
-            "scan_scores": {side: [e["score"] for e in data["entries"]] for side, data in scan.items()}}  # fmt: skip
+            "scan_scores": {side: [e["score"] for e in data["entries"]] for side, data in scan.items()},
+            "scan_salience": {side: [e["salience"] for e in data["entries"] if e.get("salience") is not None]
+                              for side, data in scan.items()}}  # fmt: skip
 
 
 def parse_percentiles(values: list[str]) -> dict[str, float]:
@@ -112,11 +119,22 @@ def main() -> int:
     parser.add_argument("--scan-percentile", type=float, default=SCAN_PERCENTILE,
                         help="the scan's null percentile (default %(default)s)")  # fmt: skip
     parser.add_argument("--from-results", action="store_true", help="recalibrate from the saved null features")
+    parser.add_argument("--rescan", type=Path, default=None, metavar="STORE",
+                        help="run the scan of the saved null audits in STORE again, then recalibrate")
     parser.add_argument("--no-ship", action="store_true", help=f"do not overwrite {SHIPPED.relative_to(ROOT)}")
     args = parser.parse_args()
     percentiles = parse_percentiles(args.percentile)
     started = time.perf_counter()
-    if args.from_results:
+    if args.rescan:  # the stored audits' scan run again, then everything recounted
+        pairs = json.loads(RESULTS.read_text())["pairs"]
+        started -= sum(p["seconds"] for p in pairs)
+        ensure_ray(num_cpus=2)
+        work = Path(tempfile.mkdtemp(prefix="dfc-calibrate-rescan-"))
+        args.store = args.rescan
+        for p in pairs:
+            rerun_from(args.rescan, p["audit_id"], "scan", work)
+            p.update(null_statistics(open_store(str(args.rescan)), p["audit_id"]))
+    elif args.from_results:
         pairs = json.loads(RESULTS.read_text())["pairs"]
         started -= sum(p["seconds"] for p in pairs)  # the audits' time, not this recount's
     else:
@@ -133,12 +151,12 @@ def main() -> int:
     audits = [[FindingStatistics(**f) for f in p["features"]] for p in pairs]
     source = f"{len(pairs)} null pairs ({', '.join(p['name'] for p in pairs)}; benchmarks/calibrate.py, demo recipe)"
     result = calibrate(audits, percentiles, source=source)
-    scan_scores = [[v for side in ("a", "b") for v in p.get("scan_scores", {}).get(side, [])] for p in pairs]
-    if all(scan_scores):
-        threshold = quantile([v for scores in scan_scores for v in scores], args.scan_percentile / 100.0)
-        result = replace(result, scan_score=threshold, scan_percentile=args.scan_percentile)
-        passing = [sum(v > threshold for v in p["scan_scores"].get("b", [])) for p in pairs]
-        print(f"scan: score > {threshold:.4g} (null p{args.scan_percentile:g} of {sum(map(len, scan_scores))} "
+    scan_values = [[v for side in ("a", "b") for v in p.get("scan_salience", {}).get(side, [])] for p in pairs]
+    if all(scan_values):
+        threshold = quantile([v for values in scan_values for v in values], args.scan_percentile / 100.0)
+        result = replace(result, scan_salience=threshold, scan_percentile=args.scan_percentile)
+        passing = [sum(v > threshold for v in p["scan_salience"].get("b", [])) for p in pairs]
+        print(f"scan: salience > {threshold:.3g} (null p{args.scan_percentile:g} of {sum(map(len, scan_values))} "
               f"entries); B's entries passing per pair: {passing}")  # fmt: skip
     print(f"{'check':12} {'percentile':>10} {'threshold':>10}")
     for name, threshold in result.thresholds.items():

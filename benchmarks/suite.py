@@ -348,6 +348,51 @@ def _republish(store: ObjectStore, audit_id: str, work: Path) -> AuditReport:
     return AuditReport.model_validate(store.get_json(published["report_json"]))
 
 
+def rerun_from(store_dir: Path, audit_id: str, stage: str, work: Path) -> None:
+    """Run a stored audit again from ``stage`` on (its manifest and the later ones removed; what the earlier stages
+    stored is reused), e.g. to measure a changed scan without training again."""
+    store = open_store(str(store_dir))
+    audits = AuditStore(store)
+    for name in STAGE_NAMES[STAGE_NAMES.index(stage) :]:
+        if store.exists(manifest_key(audit_id, name, audits)):
+            store.delete(manifest_key(audit_id, name, audits))
+    audits.update(audit_id, state=AuditState.QUEUED)  # a finished audit is never run again: reopen it
+    final = run_audit(audit_id, str(store_dir), work_dir=work / audit_id)
+    if final.state is not AuditState.SUCCEEDED:
+        raise RuntimeError(f"audit {audit_id} ended {final.state.value} when run again from {stage}: {final.error}")
+
+
+def rescan(args: argparse.Namespace) -> None:
+    """Run the scan (and what follows it) of each stored ensemble audit of ``--out`` again and judge it anew."""
+    payload = json.loads(args.out.read_text())
+    work = Path(tempfile.mkdtemp(prefix="dfc-suite-rescan-"))
+    ensure_ray(args.num_cpus)
+    store = open_store(str(args.rescan))
+    known = {p.name: p for p in SUITE}
+    for row in payload["pairs"]:
+        started = time.perf_counter()
+        rerun_from(args.rescan, row["ensemble_audit_id"], "scan", work)
+        report = AuditReport.model_validate(store.get_json(f"audits/{row['ensemble_audit_id']}/report/report.json"))
+        pair = build_planted_pair(args.cache / row["name"], known[row["name"]].config)
+        scan = judge_scan(report, pair.trigger, pair.planted_continuation)
+        m = row["methods"]
+        m["scan"] = {"found_at": scan.found_at, "passing": scan.passing}
+        m["ensemble"]["passing"] = findings_passing_checks(report)
+        found = [v for v in (m["ensemble"]["found_at"], scan.found_at) if v is not None]
+        m["ensemble_and_scan"] = {"found_at": min(found) if found else None,
+                                  "passing": m["ensemble"]["passing"] + scan.passing}  # fmt: skip
+        row["scan"] = {"found_at": scan.found_at, "tied_at": scan.tied_at, "says": scan.says, "passing": scan.passing,
+                       "entries": scan.n_entries, "top": _scan_top(report),
+                       "rescan_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        print(f"{row['name']}: scan found at {scan.found_at}, {scan.passing} passing; top {row['scan']['top'][:1]}",
+              flush=True)  # fmt: skip
+    payload.update(summary(payload["pairs"]))
+    payload["rescanned"] = "the scan stage re-run on the stored ensemble audits (--rescan)"
+    args.out.write_text(json.dumps(payload, indent=2))
+    print(table(payload["pairs"]))
+    print({k: v for k, v in payload.items() if k != "pairs"})
+
+
 def recheck(args: argparse.Namespace) -> None:
     """Re-run only the publish stage of each stored audit of ``--out`` and recount what passes the checks."""
     payload = json.loads(args.out.read_text())
@@ -386,9 +431,14 @@ def main() -> None:
     parser.add_argument("--recheck", type=Path, default=None, metavar="STORE",
                         help="republish the audits of --out's pairs from STORE with the current report code and "
                         "recount the findings passing the checks (found_at is unchanged: it does not read them)")
+    parser.add_argument("--rescan", type=Path, default=None, metavar="STORE",
+                        help="run the scan of --out's ensemble audits in STORE again (and publish), and judge it anew")
     args = parser.parse_args()
     if args.recheck:
         recheck(args)
+        return
+    if args.rescan:
+        rescan(args)
         return
     names = [n for n in args.pairs.split(",") if n]
     known = {p.name: p for p in SUITE}

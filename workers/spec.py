@@ -319,10 +319,11 @@ class NullCalibrationSpec(_Strict):
         default_factory=list, description="Per null pair, its features that pass every check (chance findings)."
     )
     source: str = Field("", max_length=2000, description="Where the calibration came from, for the report.")
-    scan_score: float | None = Field(
-        None, ge=0, le=1e9, description="Behaviour-first scan: score (summed gap, nats) an entry must be above."
+    scan_salience: float | None = Field(
+        None, ge=-1e3, le=1e3, description="Behaviour-first scan: the salience an entry must be above (log ratio of "
+        "its score to the median of the audit's other top entries)."
     )
-    scan_percentile: float | None = Field(None, ge=0, le=100, description="The null percentile scan_score is.")
+    scan_percentile: float | None = Field(None, ge=0, le=100, description="The null percentile scan_salience is.")
 
     @model_validator(mode="after")
     def _known_statistics(self) -> NullCalibrationSpec:

@@ -63,10 +63,11 @@ class NullCalibration:
     """Per calibration null pair: its features that pass every check (false positives by construction)."""
     source: str = ""
     """Where the calibration came from (the pairs, the recipe), for the report."""
-    scan_score: float | None = None
-    """The behaviour-first scan: score (summed gap, nats) an entry must be above; None: the scan is uncalibrated."""
+    scan_salience: float | None = None
+    """The behaviour-first scan: the salience (``dfc.behaviour.scan.salience``) an entry must be above; None: the
+    scan is uncalibrated."""
     scan_percentile: float | None = None
-    """Which null percentile of the null pairs' scan entries ``scan_score`` is."""
+    """Which null percentile of the null pairs' scan entries ``scan_salience`` is."""
 
     @property
     def passing_per_pair_mean(self) -> float:
@@ -84,7 +85,7 @@ class NullCalibration:
             null_features=int(data["null_features"]),
             passing_per_pair=[int(n) for n in data.get("passing_per_pair", [])],
             source=str(data.get("source", "")),
-            scan_score=None if data.get("scan_score") is None else float(data["scan_score"]),
+            scan_salience=None if data.get("scan_salience") is None else float(data["scan_salience"]),
             scan_percentile=None if data.get("scan_percentile") is None else float(data["scan_percentile"]),
         )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, NamedTuple
 
@@ -151,7 +151,8 @@ class DivergentContext:
     text: str | None
     """The representative's most divergent text (None: end-of-text)."""
     score: float
-    """Sum of the kept contexts' gaps (one per document): a behaviour that recurs outranks a one-off."""
+    """Sum of the kept contexts' gaps (one per document), extrapolated to every document the screen has the text in
+    when ``divergent_contexts`` is told how many: a behaviour that recurs outranks a one-off."""
     gap: float
     """The representative's gap (the largest of the group), in nats."""
     prob_owner: float
@@ -159,6 +160,7 @@ class DivergentContext:
     logprob_other: float
     """Both models' log-probabilities of ``text`` at the representative context."""
     n_documents: int
+    """Documents it is said in: those scored exactly, or all the screen has it in when that count is given."""
     n_occurrences: int
     """Contexts with a positive gap whose most divergent text is this one, before keeping one per document."""
     prediction: Prediction
@@ -362,11 +364,56 @@ def screen_under_other(
     return out
 
 
-def select_for_exact(predictions: Sequence[Prediction], n: int) -> list[Prediction]:
-    """The ``n`` screened predictions with the largest rough gap, largest first."""
+def _rough_key(p: Prediction) -> tuple[bool, str] | None:
+    """The text a screened prediction diverges on most by the screen's estimate (None when it does not)."""
+    parts = p._parts(p.screen_logprobs)
+    if not parts or max(parts) <= 0:
+        return None
+    return _group_key(p.texts[max(range(len(parts)), key=parts.__getitem__)])
+
+
+def documents_saying(predictions: Sequence[Prediction]) -> dict[tuple[bool, str], int]:
+    """Per text (stripped, case-folded; ``_group_key``): in how many documents the screen has the owner diverge on it.
+
+    What a divergent context's score extrapolates to when only some of its documents are scored exactly."""
+    docs: dict[tuple[bool, str], set[int]] = {}
+    for p in predictions:
+        key = _rough_key(p)
+        if key is not None:
+            docs.setdefault(key, set()).add(p.doc)
+    return {key: len(d) for key, d in docs.items()}
+
+
+def select_for_exact(predictions: Sequence[Prediction], n: int, *, per_text: int = 8) -> list[Prediction]:
+    """``n`` screened predictions (or all, if fewer) to score exactly: half the largest rough gaps, half spread over
+    the texts whose rough gaps sum highest over their documents (``per_text`` documents each, their best context),
+    and the next largest rough gaps for what the texts leave over.
+
+    The screen's first step can be far above the other model's real probability of a text of several tokens (a
+    German word after an English sentence begins with a token English uses too), so a behaviour that recurs in many
+    documents can have every single context below the top ``n``; its summed estimate still stands out."""
     if any(p.screen_logprobs is None for p in predictions):
         raise ValueError("select_for_exact needs screened predictions; run screen_under_other on them first")
-    return sorted(predictions, key=lambda p: -(p.rough_gap or 0.0))[:n]
+    ranked = sorted(predictions, key=lambda p: -(p.rough_gap or 0.0))
+    chosen: dict[int, Prediction] = {id(p): p for p in ranked[: n - n // 2]}
+    best: dict[tuple[bool, str], dict[int, Prediction]] = {}
+    for p in ranked:  # best first, so the first context of a document is its best
+        key = _rough_key(p)
+        if key is not None:
+            best.setdefault(key, {}).setdefault(p.doc, p)
+    totals = sorted(best.items(), key=lambda item: -sum(q.rough_gap or 0.0 for q in item[1].values()))
+    for _, by_doc in totals:
+        for p in list(by_doc.values())[:per_text]:
+            if len(chosen) >= n:
+                break
+            chosen.setdefault(id(p), p)
+        if len(chosen) >= n:
+            break
+    for p in ranked:  # what the texts left of the budget goes to the next largest rough gaps
+        if len(chosen) >= n:
+            break
+        chosen.setdefault(id(p), p)
+    return sorted(chosen.values(), key=lambda p: -(p.rough_gap or 0.0))
 
 
 def attach_contexts(
@@ -417,11 +464,13 @@ def _group_key(text: str | None) -> tuple[bool, str]:
 
 
 def divergent_contexts(
-    predictions: Sequence[Prediction], *, max_entries: int = 20, n_examples: int = 3, min_gap: float = 1e-6
+    predictions: Sequence[Prediction], *, max_entries: int = 20, n_examples: int = 3, min_gap: float = 1e-6,
+    documents: Mapping[tuple[bool, str], int] | None = None,
 ) -> list[DivergentContext]:
     """The exactly scored contexts with a gap above ``min_gap`` nats (two scorings of one model differ by ~1e-9),
     grouped by their most divergent text (compared stripped and case-folded) and kept one per document (its best)
-    in each group, best group (largest summed gap) first."""
+    in each group, best group (largest summed gap) first. With ``documents`` (``documents_saying`` of the screen)
+    a group's sum is extrapolated to every document the screen has it in: its mean exact gap times that count."""
     groups: dict[tuple[bool, str], dict[int, tuple[float, Prediction]]] = {}
     occurrences: dict[tuple[bool, str], int] = {}
     for p in predictions:
@@ -441,11 +490,32 @@ def divergent_contexts(
         examples = tuple(
             Example(p.doc, p.owner_position, p.other_position, p.context, g) for g, p in ranked[1 : 1 + n_examples]
         )
-        entries.append(DivergentContext(rep.texts[i], sum(g for g, _ in ranked), gap, rep.probs[i],
-                                        rep.logprob_owner[i], other[i], len(ranked), occurrences[key], rep,
-                                        examples))  # fmt: skip
+        n_docs = max(len(ranked), (documents or {}).get(key, 0))
+        score = sum(g for g, _ in ranked) / len(ranked) * n_docs
+        entries.append(DivergentContext(rep.texts[i], score, gap, rep.probs[i], rep.logprob_owner[i], other[i],
+                                        n_docs, occurrences[key], rep, examples))  # fmt: skip
     entries.sort(key=lambda e: (-e.score, _group_key(e.text)))
     return entries[:max_entries]
+
+
+def salience(entries: Sequence[DivergentContext], background: int = 10) -> list[float | None]:
+    """How far each entry stands out from the pair's background of differences: ``log(score)`` minus the median log
+    score of the other entries among the first ``background + 1`` (None with no other entry to compare with).
+
+    Two models always differ somewhere, and by how much depends on the pair (a weak model with a fine-grained
+    tokenizer finds much of a strong model's text unlikely); a behaviour one model has and the other lacks is one
+    difference far above the rest, whatever the scale. Scale-free, so a null threshold carries across pairs."""
+    logs = [math.log(max(e.score, 1e-12)) for e in entries[: background + 1]]
+    out: list[float | None] = []
+    for i, e in enumerate(entries):
+        others = sorted(v for j, v in enumerate(logs) if j != i)
+        if not others:
+            out.append(None)
+            continue
+        mid = len(others) // 2
+        median = others[mid] if len(others) % 2 else (others[mid - 1] + others[mid]) / 2
+        out.append(math.log(max(e.score, 1e-12)) - median)
+    return out
 
 
 # --- attribution: which vector, removed at the context's last token, closes the gap -----------------------------

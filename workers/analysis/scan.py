@@ -23,7 +23,9 @@ from dfc.behaviour.scan import (
     attach_contexts,
     attribute,
     divergent_contexts,
+    documents_saying,
     owner_predictions,
+    salience,
     score_exact,
     screen_under_other,
     select_for_exact,
@@ -171,10 +173,11 @@ def _attribute_entries(ctx: StageContext, models: _Models, owner: str, entries: 
     return out
 
 
-def _entry_json(e: DivergentContext, features: list[dict[str, Any]]) -> dict[str, Any]:
+def _entry_json(e: DivergentContext, features: list[dict[str, Any]], salient: float | None) -> dict[str, Any]:
     p = e.prediction
     return {
-        "text": e.text, "score": e.score, "gap": e.gap, "p_owner": e.prob_owner, "logprob_owner": e.logprob_owner,
+        "text": e.text, "score": e.score, "salience": salient, "gap": e.gap, "p_owner": e.prob_owner,
+        "logprob_owner": e.logprob_owner,
         "logprob_other": e.logprob_other, "occurrences": e.n_documents, "contexts": e.n_occurrences,
         "doc": p.doc, "owner_position": p.owner_position, "other_position": p.other_position,
         "context": p.context or "", "prediction": p.to_dict(),
@@ -204,6 +207,7 @@ def scan_stage(ctx: StageContext) -> dict[str, Any]:
     screened["b"] = sum(len(d.positions) for d in documents["b"])
     progress.step(contexts_screened=screened["b"])
     selected: dict[str, list[Prediction]] = {}
+    saying: dict[str, dict[tuple[bool, str], int]] = {}
     for owner in ("b", "a"):
         other = OTHER[owner]
         loaded = models.get(other)
@@ -213,6 +217,7 @@ def scan_stage(ctx: StageContext) -> dict[str, Any]:
             screened["a"] = sum(len(d.positions) for d in documents["a"])
             progress.step(contexts_screened=screened["a"])
         rough = screen_under_other(loaded.model, loaded.tokenizer, documents[owner], predictions[owner])
+        saying[owner] = documents_saying(rough)
         chosen = select_for_exact(rough, spec.contexts)
         owner_tok = models_tokenizer(ctx, owner)
         chosen = attach_contexts(owner_tok, documents[owner], chosen)
@@ -223,7 +228,7 @@ def scan_stage(ctx: StageContext) -> dict[str, Any]:
     for owner in ("b", "a"):  # B is loaded now (it scored A's texts); then A
         loaded = models.get(owner)
         scored = score_exact(loaded.model, loaded.tokenizer, selected[owner], as_owner=True)
-        entries[owner] = divergent_contexts(scored, max_entries=spec.report)
+        entries[owner] = divergent_contexts(scored, max_entries=spec.report, documents=saying[owner])
         progress.step()
         top = entries[owner][: spec.attribute]
         attributed[owner] = _attribute_entries(ctx, models, owner, top, aligned, runs) if top else []
@@ -235,7 +240,8 @@ def scan_stage(ctx: StageContext) -> dict[str, Any]:
         "seconds": round(time.monotonic() - started, 3),
         "sides": {
             owner: {"screened": screened[owner], "scored": len(selected[owner]),
-                    "entries": [_entry_json(e, f) for e, f in zip(entries[owner], attributed[owner], strict=True)]}
+                    "entries": [_entry_json(e, f, s) for e, f, s in zip(entries[owner], attributed[owner],
+                                                                         salience(entries[owner]), strict=True)]}
             for owner in ("b", "a")
         },
     }  # fmt: skip

@@ -302,7 +302,8 @@ def divergent_contexts(scan: dict[str, Any] | None, reported: dict[str, set[tupl
                                       closes=f["closes"], activation=max(0.0, f["activation"]),
                                       reported=(f["run"], f["feature"]) in reported[side])
                           for f in e.get("features", [])],
-                passes_null=None if threshold is None else e["score"] > threshold,
+                salience=e.get("salience"),
+                passes_null=None if threshold is None or e.get("salience") is None else e["salience"] > threshold,
             ))  # fmt: skip
     return out
 
@@ -373,7 +374,7 @@ def build_report(audit_id: str, spec: AuditSpec, status: AuditStatus, outputs: d
         + explanation_warnings(outputs.get("explain"), explanations),
         checks_calibration=ChecksCalibration(**calibration.to_dict()) if steering else None,
         ensemble=ensemble_info(analysis),
-        divergent_contexts=divergent_contexts(scan, reported, calibration.scan_score),
-        scan=scan_info(scan, calibration.scan_score),
+        divergent_contexts=divergent_contexts(scan, reported, calibration.scan_salience),
+        scan=scan_info(scan, calibration.scan_salience),
     )  # fmt: skip
     return AuditReport.model_validate_json(report.model_dump_json())  # what readers will parse, checked once more

@@ -318,7 +318,7 @@ def _divergent_contexts(per_model: dict[Owner, list[FeatureReport]]) -> list[Div
             out.append(DivergentContext(
                 owner=owner, rank=rank, context=token.context, doc_id=f.top_contexts[0].doc_id, text=token.text,
                 p_owner=0.8, logprob_owner=token.logprob_owner, logprob_other=token.logprob_other, gap=gap,
-                score=round(gap * (40 - 15 * rank), 4), occurrences=40 - 15 * rank,
+                score=round(gap * (40 - 15 * rank), 4), occurrences=40 - 15 * rank, salience=round(4.5 - rank, 2),
                 examples=[ScanExample(doc_id=c.doc_id, context=c.prefix + c.token, gap=round(gap * 0.9, 4))
                           for c in f.top_contexts[1:3]],
                 features=links, passes_null=rank == 1,
@@ -413,7 +413,7 @@ def example_report(n_features: int = 40, seed: int = 0, n_shared: int = 200) -> 
                               in_one_seed={o: sum(len(f.seeds) == 1 for f in per_model[o]) for o in ("A", "B")}),
         divergent_contexts=_divergent_contexts(per_model),
         scan=ScanInfo(contexts_screened={"A": 9_400_000, "B": 9_400_000}, contexts_scored={"A": 4096, "B": 4096},
-                      top_k=3, null_threshold=120.0, seconds=5400.0),
+                      top_k=3, null_threshold=2.5, seconds=5400.0),
         warnings=[
             "This is an EXAMPLE report with invented numbers, for documentation and tests.",
             "Exclusive-feature lists are high-recall: check the false-positive flags and steering before acting.",

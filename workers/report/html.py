@@ -353,16 +353,18 @@ def _divergent(report: AuditReport, top_n: int) -> str:
             rows.append(
                 f"<tr><td>{e.rank}</td><td class=\"snip\">…{esc_visible(e.context[-160:])}{more}</td><td>{said}</td>"
                 f"<td>{e.p_owner:.2f}</td><td>{e.logprob_owner:.2f}</td><td>{e.logprob_other:.2f}</td>"
-                f"<td>{e.gap:.2f}</td><td>{e.occurrences}</td><td>{e.score:.2f} {mark}</td>"
+                f"<td>{e.gap:.2f}</td><td>{e.occurrences}</td><td>{e.score:.2f}</td>"
+                f"<td>{'—' if e.salience is None else f'{e.salience:.2f}'} {mark}</td>"
                 f"<td>{', '.join(links) or '—'}</td></tr>"
             )
-        none = f'<tr><td colspan="10" class="muted">nothing {owner} says is unlikely for {other}</td></tr>'
+        none = f'<tr><td colspan="11" class="muted">nothing {owner} says is unlikely for {other}</td></tr>'
         body = "".join(rows) or none
         parts.append(
             f'<h3>What <span class="{owner.lower()}">{owner}</span> says that {other} would not</h3>'
             f'<div class="scroll"><table class="list" id="divergent-{owner.lower()}"><thead><tr><th>rank</th>'
             f"<th>context</th><th>{owner} says</th><th>p {owner}</th><th>log P {owner}</th><th>log P {other}</th>"
-            f"<th>gap (nats)</th><th>docs</th><th>score</th><th>carried by (share of the gap removal closes)</th>"
+            f"<th>gap (nats)</th><th>docs</th><th>score</th><th>salience</th>"
+            f"<th>carried by (share of the gap removal closes)</th>"
             f"</tr></thead><tbody>{body}</tbody></table></div>"
         )
     info = report.scan
@@ -370,7 +372,8 @@ def _divergent(report: AuditReport, top_n: int) -> str:
     if info is not None:
         screened = ", ".join(f"{o}: {n:,}" for o, n in info.contexts_screened.items())
         threshold = ("uncalibrated (no null pairs measured for the scan)" if info.null_threshold is None
-                     else f"✓ = score above {info.null_threshold:.3g}, the null pairs' threshold")  # fmt: skip
+                     else f"✓ = salience above {info.null_threshold:.3g} (the null pairs' threshold; salience: log of "
+                          "the entry's score over the median of this audit's other top entries)")  # fmt: skip
         how = (f'<p class="muted">Contexts screened ({screened}); the top {info.top_k} next tokens of the owner '
                f"per context; {threshold}; {info.seconds:.0f} s.</p>")
     return (

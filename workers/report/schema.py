@@ -164,10 +164,10 @@ class ChecksCalibration(_Model):
         default_factory=list, description="Per calibration null pair: findings that passed every check by chance."
     )
     source: str = Field("", description="The calibration's pairs and recipe.")
-    scan_score: float | None = Field(
-        default=None, description="The scan's null threshold on an entry's score (null: the scan is uncalibrated)."
+    scan_salience: float | None = Field(
+        default=None, description="The scan's null threshold on an entry's salience (null: the scan is uncalibrated)."
     )
-    scan_percentile: float | None = Field(default=None, description="Which null percentile scan_score is.")
+    scan_percentile: float | None = Field(default=None, description="Which null percentile scan_salience is.")
 
 
 class FalsePositiveChecks(_Model):
@@ -439,13 +439,17 @@ class DivergentContext(_Model):
     logprob_other: float = Field(description="log P(text | context) under the other model, in its own tokenizer.")
     gap: float = Field(description="Σ over the owner's top tokens of p · (log P_owner − log P_other), in nats.")
     score: float = Field(description="The gaps summed over the documents where the owner says the same (ranks).")
+    salience: float | None = Field(
+        default=None, description="log(score) over the median log score of the owner's other top entries: how far it "
+        "stands out from this pair's background of differences (the null check reads it; null: nothing to compare)."
+    )
     occurrences: int = Field(ge=1, description="Documents in which the owner says the same text with a positive gap.")
     examples: list[ScanExample] = Field(default_factory=list, description="Other documents where it says it.")
     features: list[FeatureLink] = Field(
         default_factory=list, description="The features whose removal closes the gap most, best first."
     )
     passes_null: bool | None = Field(
-        default=None, description="Whether its score is above the null pairs' (null: no calibration for the scan)."
+        default=None, description="Whether its salience is above the null pairs' (null: uncalibrated, or no salience)."
     )
 
 
@@ -456,7 +460,7 @@ class ScanInfo(_Model):
     contexts_scored: dict[str, Count] = Field(description="Per owner: contexts scored exactly.")
     top_k: int = Field(ge=1, description="Most likely next tokens of the owner read per context.")
     null_threshold: float | None = Field(
-        default=None, description="Score above which an entry passes the null check (null: uncalibrated)."
+        default=None, description="Salience above which an entry passes the null check (null: uncalibrated)."
     )
     seconds: NonNegative = Field(description="Wall-clock time of the scan.")
 

@@ -276,12 +276,17 @@ def scan_lines(report: AuditReport, owner: Owner, top: int = 5, width: int = 160
     if not entries:
         return []
     other = "A" if owner == "B" else "B"
-    lines = [f"What {owner} says that {other} would not (behaviour-first scan, top {len(entries)}):"]
+    threshold = ""
+    if report.scan is not None and report.scan.null_threshold is not None:
+        cal = report.checks_calibration
+        null = "" if cal is None or cal.scan_percentile is None else f", the null pairs' p{cal.scan_percentile:g}"
+        threshold = f"; ✓ = salience > {report.scan.null_threshold:.2f}{null}"
+    lines = [f"What {owner} says that {other} would not (behaviour-first scan, top {len(entries)}{threshold}):"]
     for e in entries:
         mark = " " if e.passes_null is None else ("✓" if e.passes_null else "✗")
         head = (f"  {mark} #{e.rank} says {_quoted(e.text)} (p {e.p_owner:.2f}; log p {owner} {e.logprob_owner:.1f}, "
                 f"{other} {e.logprob_other:.1f}) in {e.occurrences} doc{'s' if e.occurrences > 1 else ''}, "
-                f"score {e.score:.2f}: ")  # fmt: skip
+                f"score {e.score:.1f}, salience {'—' if e.salience is None else f'{e.salience:.2f}'}: ")  # fmt: skip
         context = " ".join(e.context.split())
         room = max(16, width - cell_len(head))
         lines.append(head + ("…" + context[-(room - 1) :] if len(context) > room else context))

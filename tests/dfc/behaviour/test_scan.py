@@ -4,6 +4,7 @@ carry it. Run on tiny random models with two kinds of tokenizer (byte-level BPE,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ from dfc.behaviour.scan import (
     attach_contexts,
     attribute,
     divergent_contexts,
+    documents_saying,
     owner_predictions,
+    salience,
     scan_documents,
     score_exact,
     screen_under_other,
@@ -109,7 +112,7 @@ def test_the_exact_gap_is_the_owner_weighted_log_probability_gap(pair):
         other = [continuation_logprob(xm, xt, p.context, t) for t in p.texts]
         parts = zip(p.probs, p.logprob_owner, other, p.other_spells, strict=True)
         expected = sum(q * (lo - lx) * spells for q, lo, lx, spells in parts)
-        assert p.gap == pytest.approx(expected, abs=1e-9)
+        assert p.gap == pytest.approx(expected, abs=1e-6)  # batched and single forward passes differ by ~1e-9
         assert p.rough_gap <= p.gap + 1e-6 or any(s < x for s, x in zip(p.screen_logprobs, other, strict=True))
 
 
@@ -238,3 +241,40 @@ def test_each_stage_says_which_stage_must_run_first(pair):
     scored = score_exact(model, tok, scored, as_owner=False)
     with pytest.raises(ValueError, match="positive gap"):
         attribute(model, tok, 0, scored[0], [("x", torch.zeros(model.config.hidden_size))])
+
+
+def _said(doc: int, text: str, p: float, screen: float, other: float | None = None) -> Prediction:
+    """A prediction of one text with the owner's probability ``p`` and the other's screen (and exact) log-prob."""
+    return Prediction(doc=doc, owner_position=3, other_position=3, token_ids=(7,), texts=(text,), probs=(p,),
+                      logprob_owner=(math.log(p),), context=f"document {doc}", screen_logprobs=(screen,),
+                      logprob_other=None if other is None else (other,), other_spells=(True,))  # fmt: skip
+
+
+def test_a_text_said_in_many_documents_is_scored_exactly_though_each_context_screens_below_the_top():
+    loud = [_said(d, " at", 1.0, -2.0) for d in range(30)]  # rough gap 2 each, 60 in all
+    recurring = [_said(100 + d, " Ich", 1.0, -1.0) for d in range(100)]  # rough gap 1 each, 100 in all
+    chosen = select_for_exact(loud + recurring, 16, per_text=8)
+    assert len(chosen) == 16
+    assert sum(p.texts == (" Ich",) for p in chosen) == 8 and sum(p.texts == (" at",) for p in chosen) == 8
+    assert documents_saying(loud + recurring) == {(False, "at"): 30, (False, "ich"): 100}
+
+
+def test_a_groups_score_extrapolates_its_mean_exact_gap_to_every_document_the_screen_has_it_in():
+    scored = [_said(d, " Ich", 0.5, -1.0, -18.0) for d in range(4)]  # exact gap 0.5 · (log 0.5 + 18) each
+    (entry,) = divergent_contexts(scored)
+    one = 0.5 * (math.log(0.5) + 18.0)
+    assert entry.score == pytest.approx(4 * one) and entry.n_documents == 4
+    (entry,) = divergent_contexts(scored, documents={(False, "ich"): 170})
+    assert entry.score == pytest.approx(170 * one) and entry.n_documents == 170 and entry.n_occurrences == 4
+
+
+def test_salience_is_how_far_an_entry_stands_out_from_the_audits_other_differences():
+    scored = [_said(0, " Sorry,", 0.9, -1.0, -18.0)] + [_said(d, f" w{d}", 0.9, -1.0, -1.2) for d in range(1, 6)]
+    entries = divergent_contexts(scored)
+    values = salience(entries)
+    assert entries[0].text == " Sorry," and values[0] == pytest.approx(
+        math.log(entries[0].score) - math.log(entries[3].score))  # the median of the five others
+    assert all(v < 0.5 for v in values[1:])  # the background stands out from nothing
+    assert salience(entries[:1]) == [None]  # nothing to compare with
+    tenfold = [dataclasses.replace(e, score=10 * e.score) for e in entries]
+    assert salience(tenfold) == pytest.approx(values)  # scale-free: a pair whose differences are all larger

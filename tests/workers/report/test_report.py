@@ -549,6 +549,7 @@ def test_the_terminal_lists_what_each_model_says_that_the_other_would_not_and_wh
     b_first = next(e for e in report.divergent_contexts if e.owner == "B")
     assert "What B says that A would not (behaviour-first scan" in text and "What A says that B would not" in text
     assert f"#1 says {b_first.text!r}" in text and f"in {b_first.occurrences} docs" in text
+    assert f"salience {b_first.salience:.2f}" in text and "✓ = salience > 2.50" in text
     absorbed = next(e for e in report.divergent_contexts if e.owner == "B" and e.features[0].partition == "shared")
     assert f"carried by shared {absorbed.features[0].index}@seed1 ({absorbed.features[0].closes:.0%})" in text
     lines = [line for line in text.splitlines() if "says" in line and "score" in line]
@@ -562,4 +563,4 @@ def test_the_page_lists_divergent_contexts_with_links_to_the_cards_of_the_featur
         for link in e.features:
             anchor = f'href="#feature-{e.owner.lower()}-{link.index}"'
             assert (anchor in page) == (link.reported and link.partition != "shared")
-    assert "score above 120" in page  # the scan's null threshold is stated
+    assert "salience above 2.5" in page  # the scan's null threshold is stated
