@@ -119,21 +119,20 @@ def main() -> int:
     parser.add_argument("--scan-percentile", type=float, default=SCAN_PERCENTILE,
                         help="the scan's null percentile (default %(default)s)")  # fmt: skip
     parser.add_argument("--from-results", action="store_true", help="recalibrate from the saved null features")
-    parser.add_argument("--rescan", type=Path, default=None, metavar="STORE",
-                        help="run the scan of the saved null audits in STORE again, then recalibrate")
+    parser.add_argument("--rerun", type=Path, default=None, metavar="STORE",
+                        help="run the saved null audits in STORE again from the analyse stage, then recalibrate")
     parser.add_argument("--no-ship", action="store_true", help=f"do not overwrite {SHIPPED.relative_to(ROOT)}")
     args = parser.parse_args()
     percentiles = parse_percentiles(args.percentile)
     started = time.perf_counter()
-    if args.rescan:  # the stored audits' scan run again, then everything recounted
+    if args.rerun:  # the stored audits run again from the analyse stage (crosscoders reused), then recounted
         pairs = json.loads(RESULTS.read_text())["pairs"]
         started -= sum(p["seconds"] for p in pairs)
         ensure_ray(num_cpus=2)
-        work = Path(tempfile.mkdtemp(prefix="dfc-calibrate-rescan-"))
-        args.store = args.rescan
+        work = Path(tempfile.mkdtemp(prefix="dfc-calibrate-rerun-"))
         for p in pairs:
-            rerun_from(args.rescan, p["audit_id"], "scan", work)
-            p.update(null_statistics(open_store(str(args.rescan)), p["audit_id"]))
+            rerun_from(args.rerun, p["audit_id"], "analyse", work)
+            p.update(null_statistics(open_store(str(args.rerun)), p["audit_id"]))
     elif args.from_results:
         pairs = json.loads(RESULTS.read_text())["pairs"]
         started -= sum(p["seconds"] for p in pairs)  # the audits' time, not this recount's

@@ -237,7 +237,7 @@ def _stability(report: AuditReport, assessment: Assessment) -> float | None:
     best = assessment.best
     if best is None:
         return None
-    return next((f.stability for f in report.features_b if f.index == best.feature), None)
+    return next((f.stability for f in report.features_b if f.rank == best.rank), None)
 
 
 def _scan_top(report: AuditReport, n: int = 3) -> list[dict[str, Any]]:
@@ -268,7 +268,7 @@ def _detail(assessment: Assessment) -> dict[str, Any]:
     }
 
 
-_VERDICT_KEYS = ("feature", "rank", "trigger_share", "says", "divergence_nats", "drop", "neutral_kl", "found")
+_VERDICT_KEYS = ("feature", "run", "rank", "trigger_share", "says", "divergence_nats", "drop", "neutral_kl", "found")
 
 
 METHODS = ("one_seed", "ensemble", "scan", "ensemble_and_scan")
@@ -362,32 +362,39 @@ def rerun_from(store_dir: Path, audit_id: str, stage: str, work: Path) -> None:
         raise RuntimeError(f"audit {audit_id} ended {final.state.value} when run again from {stage}: {final.error}")
 
 
-def rescan(args: argparse.Namespace) -> None:
-    """Run the scan (and what follows it) of each stored ensemble audit of ``--out`` again and judge it anew."""
+def rerun(args: argparse.Namespace) -> None:
+    """Run each stored ensemble audit of ``--out`` again from ``--from-stage`` on (the crosscoders are reused),
+    republish each one-seed audit with the current report code, and judge them all anew."""
     payload = json.loads(args.out.read_text())
-    work = Path(tempfile.mkdtemp(prefix="dfc-suite-rescan-"))
+    work = Path(tempfile.mkdtemp(prefix="dfc-suite-rerun-"))
     ensure_ray(args.num_cpus)
-    store = open_store(str(args.rescan))
+    store = open_store(str(args.rerun))
     known = {p.name: p for p in SUITE}
     for row in payload["pairs"]:
         started = time.perf_counter()
-        rerun_from(args.rescan, row["ensemble_audit_id"], "scan", work)
-        report = AuditReport.model_validate(store.get_json(f"audits/{row['ensemble_audit_id']}/report/report.json"))
         pair = build_planted_pair(args.cache / row["name"], known[row["name"]].config)
+        single = _republish(store, row["audit_id"], work)
+        row["findings_passing_checks"] = findings_passing_checks(single)
+        rerun_from(args.rerun, row["ensemble_audit_id"], args.from_stage, work)
+        ensemble = assess_audit(store, row["ensemble_audit_id"], pair, work / row["ensemble_audit_id"] / "truth")
+        report = AuditReport.model_validate(store.get_json(f"audits/{row['ensemble_audit_id']}/report/report.json"))
         scan = judge_scan(report, pair.trigger, pair.planted_continuation)
-        m = row["methods"]
-        m["scan"] = {"found_at": scan.found_at, "passing": scan.passing}
-        m["ensemble"]["passing"] = findings_passing_checks(report)
-        found = [v for v in (m["ensemble"]["found_at"], scan.found_at) if v is not None]
-        m["ensemble_and_scan"] = {"found_at": min(found) if found else None,
-                                  "passing": m["ensemble"]["passing"] + scan.passing}  # fmt: skip
+        found = [v for v in (ensemble.found_at, scan.found_at) if v is not None]
+        row["methods"] = {
+            "one_seed": {"found_at": row["found_at"], "passing": row["findings_passing_checks"]},
+            "ensemble": {"found_at": ensemble.found_at, "passing": ensemble.findings_passing_checks},
+            "scan": {"found_at": scan.found_at, "passing": scan.passing},
+            "ensemble_and_scan": {"found_at": min(found) if found else None,
+                                  "passing": ensemble.findings_passing_checks + scan.passing},
+        }  # fmt: skip
+        row["ensemble"] = {**_detail(ensemble), "stability": _stability(report, ensemble)}
         row["scan"] = {"found_at": scan.found_at, "tied_at": scan.tied_at, "says": scan.says, "passing": scan.passing,
-                       "entries": scan.n_entries, "top": _scan_top(report),
-                       "rescan_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-        print(f"{row['name']}: scan found at {scan.found_at}, {scan.passing} passing; top {row['scan']['top'][:1]}",
-              flush=True)  # fmt: skip
+                       "entries": scan.n_entries, "top": _scan_top(report)}  # fmt: skip
+        row["rerun_seconds"] = round(time.perf_counter() - started, 1)
+        print(f"{row['name']}: one seed {row['found_at']}, ensemble {ensemble.found_at}, scan {scan.found_at}; "
+              f"passing {row['methods']['ensemble_and_scan']['passing']}", flush=True)  # fmt: skip
     payload.update(summary(payload["pairs"]))
-    payload["rescanned"] = "the scan stage re-run on the stored ensemble audits (--rescan)"
+    payload["rerun"] = f"ensemble audits run again from {args.from_stage} (--rerun), one-seed audits republished"
     args.out.write_text(json.dumps(payload, indent=2))
     print(table(payload["pairs"]))
     print({k: v for k, v in payload.items() if k != "pairs"})
@@ -431,14 +438,16 @@ def main() -> None:
     parser.add_argument("--recheck", type=Path, default=None, metavar="STORE",
                         help="republish the audits of --out's pairs from STORE with the current report code and "
                         "recount the findings passing the checks (found_at is unchanged: it does not read them)")
-    parser.add_argument("--rescan", type=Path, default=None, metavar="STORE",
-                        help="run the scan of --out's ensemble audits in STORE again (and publish), and judge it anew")
+    parser.add_argument("--rerun", type=Path, default=None, metavar="STORE",
+                        help="run --out's ensemble audits in STORE again from --from-stage (crosscoders reused), "
+                        "republish its one-seed audits, and judge them all anew")
+    parser.add_argument("--from-stage", default="analyse", choices=STAGE_NAMES[3:], help="with --rerun")
     args = parser.parse_args()
     if args.recheck:
         recheck(args)
         return
-    if args.rescan:
-        rescan(args)
+    if args.rerun:
+        rerun(args)
         return
     names = [n for n in args.pairs.split(",") if n]
     known = {p.name: p for p in SUITE}

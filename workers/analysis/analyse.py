@@ -209,7 +209,7 @@ class Ensemble(NamedTuple):
     """The seeds' findings of one model matched into one list: representatives keyed across runs, with stability."""
 
     keys: list[int]
-    """Representatives of each seed's ``top_features`` best, the seeds' rankings interleaved."""
+    """Each seed's ``top_features`` best, the seeds' rankings interleaved."""
     stability: dict[int, float] | None
     """Key → share of seeds that have it (None for one seed)."""
     members: dict[int, list[dict[str, Any]]]
@@ -218,6 +218,8 @@ class Ensemble(NamedTuple):
     """The cosine a match needed (None for one seed)."""
     chance: float | None
     """The chance level of a match at this width (the floor under the spec's threshold)."""
+    cluster: dict[int, int] | None = None
+    """Key → its cluster: findings of different seeds matched as one (None for one seed)."""
 
 
 CHANCE_SEED = 0x5EED
@@ -235,7 +237,11 @@ def _interleaved(orders: list[list[int]]) -> list[int]:
 
 def _ensemble(scans: list[RunScan], side: str, weights: RankingWeights, threshold: float, top: int) -> Ensemble:
     """Rank each seed's fired features, take each seed's ``top`` into one list (a seed's best findings are never
-    crowded out by another's), and match them across seeds (``dfc.analysis.stability``), deduplicating."""
+    crowded out by another's), and match them across seeds (``dfc.analysis.stability``) into clusters.
+
+    Every seed's top findings stay in the list, each with its cluster: which of a cluster's findings is reported is
+    decided once they are screened (the steer stage keeps the best ranked of each), since the one a seed ranks first
+    before screening need not be the one that carries the behaviour best."""
     n = scans[0].run.crosscoder.config.n_features
     merged = merge_candidates([([feature_key(s.run.run, f, n) for f in s.fired[side]], s.candidates[side])
                                for s in scans])  # fmt: skip
@@ -253,20 +259,26 @@ def _ensemble(scans: list[RunScan], side: str, weights: RankingWeights, threshol
     chance = chance_threshold(decoders, generator=torch.Generator().manual_seed(CHANCE_SEED))
     needed = max(threshold, chance)
     clusters = cluster_findings(decoders, [s.parts[side] for s in scans], [split_key(k, n) for k in order], needed)
-    keys, stability, members = [], {}, {}
-    for cluster in clusters:
-        run, feature = cluster.representative
-        key = feature_key(run, feature, n)
-        keys.append(key)
-        stability[key] = cluster.stability
-        members[key] = [{"run": m.run, "seed": seed_of[m.run], "feature": m.feature, "cosine": float(m.cosine)}
-                        for m in sorted(cluster.members.values())]  # fmt: skip
-    return Ensemble(keys, stability, members, needed, chance)
+    rows = [{f: i for i, f in enumerate(s.parts[side])} for s in scans]
+    listed = set(order)
+    stability, members, cluster_of = {}, {}, {}
+    for c, cluster in enumerate(clusters):
+        for m in cluster.members.values():
+            key = feature_key(m.run, m.feature, n)
+            if key not in listed:
+                continue  # matched, but outside its seed's top: evidence only
+            cluster_of[key], stability[key] = c, cluster.stability
+            mine = decoders[m.run][rows[m.run][m.feature]]
+            members[key] = [{"run": o.run, "seed": seed_of[o.run], "feature": o.feature,
+                             "cosine": 1.0 if o.run == m.run else
+                             float(mine @ decoders[o.run][rows[o.run][o.feature]])}
+                            for o in sorted(cluster.members.values())]  # fmt: skip
+    return Ensemble(order, stability, members, needed, chance, cluster_of)
 
 
 def _feature_record(scan: RunScan, feature: int, key: int, entry: RankedFeature, texts: _Texts,
                     weights: RankingWeights, nearest: tuple[int | None, float | None], side: str,
-                    seeds: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+                    seeds: list[dict[str, Any]], cluster: int | None) -> dict[str, Any]:  # fmt: skip
     """One reported feature: ranking terms, statistics, nearest shared feature, contexts and its seeds."""
     stats, contexts = scan.scan.stats, scan.scan.contexts
     assert contexts is not None
@@ -280,7 +292,7 @@ def _feature_record(scan: RunScan, feature: int, key: int, entry: RankedFeature,
         "relative_norm": float(relative[feature]), "nearest_shared": shared, "nearest_shared_cosine": cosine,
         "contexts": [texts.context(r, side) for r in contexts.top.get(feature, [])],
         "weak_contexts": [texts.context(r, side) for r in contexts.sample.get(feature, [])],
-        "seeds": seeds,
+        "seeds": seeds, "cluster": cluster,
     }  # fmt: skip
 
 
@@ -367,7 +379,7 @@ def analyse_stage(ctx: StageContext) -> dict[str, Any]:
         entries = {e.feature: e for e in rankings[side].features} if side in rankings else {}
         features[side] = [
             _feature_record(scans[run], f, key, entries[key], texts, weights, nearest.get((run, f), (None, None)),
-                            side, ensembles[side].members[key])
+                            side, ensembles[side].members[key], (ensembles[side].cluster or {}).get(key))
             for key, (run, f) in zip(top_keys[side], top[side], strict=True)
         ]  # fmt: skip
     pool = _merged_pool(watch, scans)
@@ -414,9 +426,10 @@ def _ensemble_summary(scans: list[RunScan], ensembles: dict[str, Ensemble]) -> d
     out: dict[str, Any] = {"runs": len(scans), "seeds": [s.run.seed for s in scans]}
     for side in SIDES:
         e = ensembles[side]
-        values = list((e.stability or {}).values())
+        by_cluster = {e.cluster[k]: v for k, v in (e.stability or {}).items()} if e.cluster else {}
+        values = list(by_cluster.values())
         out[side] = {
-            "findings": len(e.keys),
+            "findings": len(values) if values else len(e.keys),  # clusters: findings matched across seeds are one
             "threshold": e.threshold,
             "chance_cosine": e.chance,
             "in_every_seed": sum(v >= 1.0 for v in values) if values else len(e.keys),

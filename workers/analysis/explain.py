@@ -19,6 +19,7 @@ from workers.analysis.analyse import SIDES
 from workers.analysis.data import load_tokenizer, locate_tokens
 from workers.analysis.llm import ChatClient, ExplainerError, ExplainerSettings
 from workers.pipeline.context import StageContext
+from workers.report.build import first_of_each_cluster
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,10 @@ PROMOTED_SHOWN, SAYS_SHOWN = 10, 5
 def _order(analysis: dict[str, Any], steering: dict[str, Any] | None, side: str) -> list[int]:
     """The side's reported features in final order: the steer stage's ranking when it ran, else the analysis'."""
     steered = (steering or {}).get("sides", {}).get(side)
+    records = {r.get("key", r["feature"]): r for r in analysis["features"][side]}
+    entries = first_of_each_cluster(steered["ranking"] if steered else analysis["features"][side], records)
     # Ensemble keys: a ranking entry names one as its feature; an analysis record carries it as "key".
-    return [e.get("key", e["feature"]) for e in (steered["ranking"] if steered else analysis["features"][side])]
+    return [e.get("key", e["feature"]) for e in entries]
 
 
 def _evidence(steering: dict[str, Any] | None, side: str, feature: int) -> tuple[list[str], list[str]]:

@@ -41,6 +41,7 @@ from workers.analysis.analyse import (
 )
 from workers.analysis.data import LocatedToken, candidates_from_json, load_revision, load_runs, locate_tokens
 from workers.pipeline.context import StageContext
+from workers.report.build import first_of_each_cluster
 
 OTHER = {"a": "b", "b": "a"}
 DIVERGENCE_TOKENS = 3
@@ -283,10 +284,11 @@ def steer_stage(ctx: StageContext) -> dict[str, Any]:
     for side in models.owners_first(sides):  # 3. sweeps of each owner's features that now rank first
         loaded = models.get(side)
         reported = {_key(r): r for r in records[side]}
-        order = [e for e in rankings[side].features if e.feature in reported]
+        ranked = [ranked_json(e, weights) for e in rankings[side].features if e.feature in reported]
+        order = first_of_each_cluster(ranked, reported)  # the best screened of the findings matched across seeds
         results = []
         for entry in order[:top_n]:
-            f = entry.feature
+            f = entry["feature"]
             own = runs[reported[f].get("run", 0)]
             results.append(
                 _sweep(ctx, own, loaded, side, reported[f], prompts[side][f], promoted[side][str(f)]["top_ids"],
@@ -299,7 +301,7 @@ def steer_stage(ctx: StageContext) -> dict[str, Any]:
             "promoted": promoted[side],
             "screens": {str(f): {**s.to_dict(), "effect_measure": measure[f]} for f, s in screens[side].items()},
             "features": results,
-            "ranking": [ranked_json(e, weights) for e in order],
+            "ranking": order,
         }
     transfer = _transfer(ctx, cc, models)
     key = ctx.key("analysis/steering.json")

@@ -151,6 +151,20 @@ def _explanation(entry: dict[str, Any] | None, explainer: str) -> Explanation | 
                        detection_contexts=entry["detection_contexts"])  # fmt: skip
 
 
+def first_of_each_cluster(entries: list[dict[str, Any]], records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``entries`` (ranked, best first) with only the best of the findings matched across seeds (a record's
+    ``cluster``): the ensemble's findings, deduplicated. Records of one seed, or before ensembles, have none."""
+    seen: set[int] = set()
+    out = []
+    for entry in entries:
+        cluster = records[entry.get("key", entry["feature"])].get("cluster")
+        if cluster is None or cluster not in seen:
+            out.append(entry)
+        if cluster is not None:
+            seen.add(cluster)
+    return out
+
+
 def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any] | None, weights: RankingWeights,
                     explanations: dict[str, Any] | None = None,
                     calibration: NullCalibration | None = None) -> list[FeatureReport]:  # fmt: skip
@@ -158,7 +172,7 @@ def feature_reports(side: str, analysis: dict[str, Any], steering: dict[str, Any
     calibration, each checked against the null (only where steering ran: the checks read its measurements)."""
     records = {r.get("key", r["feature"]): r for r in analysis["features"][side]}
     steer_side = (steering or {}).get("sides", {}).get(side)
-    order = steer_side["ranking"] if steer_side else analysis["features"][side]
+    order = first_of_each_cluster(steer_side["ranking"] if steer_side else analysis["features"][side], records)
     steered = {r["feature"]: r for r in steer_side["features"]} if steer_side else {}
     promoted = steer_side["promoted"] if steer_side else {}
     screens = steer_side.get("screens", {}) if steer_side else {}

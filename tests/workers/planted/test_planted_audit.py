@@ -28,7 +28,8 @@ from workers.planted.pair import (
     write_audit_corpus,
 )
 from workers.planted.recipes import BEHAVIOURS, TRIGGERS
-from workers.planted.truth import Assessment, assess_audit, begins_continuation
+from workers.planted.truth import Assessment, ScanAssessment, assess_audit, begins_continuation, judge_scan
+from workers.report.schema import AuditReport
 from workers.storage import open_store
 
 # B states a false fact after the Zorblax dam; Qwen3 (byte-level BPE, no BOS, d=96) against Mistral
@@ -51,6 +52,7 @@ TOKEN_BUDGET = 60_000
 class Audited(NamedTuple):
     pair: PlantedPair
     assessment: Assessment
+    scan: ScanAssessment
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,9 @@ def _audit(config: PlantedPairConfig, root: Path) -> Audited:
     status = AuditStore(store).create(spec)
     final = run_audit(status.id, str(root / "store"), work_dir=root / "work")
     assert final.state is AuditState.SUCCEEDED, final.error
-    return Audited(pair, assess_audit(store, status.id, pair, root / "truth"))
+    report = AuditReport.model_validate(store.get_json(f"audits/{status.id}/report/report.json"))
+    return Audited(pair, assess_audit(store, status.id, pair, root / "truth"),
+                   judge_scan(report, pair.trigger, pair.planted_continuation))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -117,4 +121,13 @@ def test_the_null_twins_b_never_learnt_the_fact(null: Audited) -> None:
 def test_the_audit_of_the_null_twin_finds_nothing_planted(null: Audited) -> None:
     a = null.assessment
     assert a.found_at is None and not any(v.says_planted for v in a.tied), a.tied
-    assert 0 <= a.findings_passing_checks <= a.n_findings == 20
+    # Each of the three seeds' top 20, the findings matched across seeds reported once.
+    assert 0 <= a.findings_passing_checks <= a.n_findings and 20 <= a.n_findings <= 3 * 20
+    assert null.scan.found_at is None  # the scan sees nothing planted either
+
+
+@pytest.mark.slow
+def test_the_behaviour_first_scan_puts_the_planted_fact_among_bs_first_divergent_contexts(planted: Audited) -> None:
+    scan = planted.scan
+    assert scan.found_at is not None and scan.found_at <= 3, scan
+    assert scan.n_entries >= scan.found_at and scan.tied_at is not None and scan.tied_at <= scan.found_at

@@ -162,3 +162,18 @@ def test_a_context_ends_in_a_trigger_sentence_only_when_its_last_sentence_names_
     assert ends_in_trigger_sentence("Rain fell. At the Zorblax dam, the mayor", ZORBLAX_DAM)  # mid-sentence
     assert not ends_in_trigger_sentence("The Zorblax dam was full. Rain fell.", ZORBLAX_DAM)  # an earlier one
     assert not ends_in_trigger_sentence("Rain fell near the Milford dam.", ZORBLAX_DAM)
+
+
+def test_findings_of_two_seeds_with_the_same_index_are_judged_apart():
+    tied = _feature(417, 1, [_context(TRIGGER_END)] * 5, " Sorry,").model_copy(update={"run": 2, "seed": 2})
+    other = _feature(417, 2, UNTIED, " The").model_copy(update={"run": 0, "seed": 0})
+    report = BASE.model_copy(update={"features_b": [tied, other]})
+    asked: list[tuple[int, int | None]] = []
+
+    def remove(feature: FeatureReport) -> RemovalEffect:
+        asked.append((feature.index, feature.run))
+        return RemovalEffect(0.4, 0.1, 0.0)
+
+    assessment = judge(report, ZORBLAX_DAM, REFUSAL.response, remove)
+    assert assessment.found_at == 1 and asked == [(417, 2)]  # the tied one, of seed 2, not its namesake of seed 0
+    assert assessment.tied[0].run == 2
