@@ -33,7 +33,7 @@ from dfc.behaviour.scan import (
 from dfc.crosscoder import Crosscoder
 from workers.analysis.analyse import SIDES
 from workers.analysis.data import TrainedRun, load_runs, load_tokenizer, locate_tokens, select_pairs
-from workers.analysis.steer import OTHER, _Models
+from workers.analysis.steer import OTHER, LoadedModels
 from workers.pipeline.context import StageContext
 
 ATTRIBUTION_FEATURES = 8
@@ -126,7 +126,7 @@ class _Progress:
         self.ctx.report_progress(min(1.0, self.done / 8), **self.counters)
 
 
-def _attribute_entries(ctx: StageContext, models: _Models, owner: str, entries: list[DivergentContext],
+def _attribute_entries(ctx: StageContext, models: LoadedModels, owner: str, entries: list[DivergentContext],
                        aligned: Aligned, runs: list[TrainedRun]) -> list[list[dict[str, Any]]]:  # fmt: skip
     """For each entry: the features active at its representative context (every seed's) whose removal there closes
     the gap most."""
@@ -195,7 +195,7 @@ def scan_stage(ctx: StageContext) -> dict[str, Any]:
     aligned = _aligned(ctx, spec.documents)
     documents = aligned.documents
     runs = load_runs(ctx.store, ctx.outputs["train"], ctx.work_dir / "scan")
-    models = _Models(ctx)
+    models = LoadedModels(ctx)
     progress = _Progress(ctx)
     predictions: dict[str, list[Prediction]] = {}
     screened: dict[str, int] = {}

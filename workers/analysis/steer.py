@@ -48,7 +48,7 @@ DIVERGENCE_TOKENS = 3
 """Tokens per context whose probability a feature raises most that the other model is asked about."""
 
 
-class _Models:
+class LoadedModels:
     """The one model in memory: asking for another releases it first."""
 
     def __init__(self, ctx: StageContext) -> None:
@@ -181,7 +181,7 @@ class _Progress:
                                  steered_features=self.counters["steered"])  # fmt: skip
 
 
-def _transfer(ctx: StageContext, cc: Crosscoder, models: _Models) -> dict[str, Any] | None:
+def _transfer(ctx: StageContext, cc: Crosscoder, models: LoadedModels) -> dict[str, Any] | None:
     """The spec's steering vector carried to the other model, with its effect there against a random control.
 
     A vector that cannot be carried (wrong width, nothing shared points along it, non-finite activations) is
@@ -247,7 +247,7 @@ def steer_stage(ctx: StageContext) -> dict[str, Any]:
     records = {side: analysis["features"][side] for side in SIDES if analysis["features"][side]}
     sides, top_n = list(records), ctx.spec.steering.top_n
     progress = _Progress(ctx, sum(len(r) for r in records.values()) + sum(min(top_n, len(r)) for r in records.values()))
-    models = _Models(ctx)
+    models = LoadedModels(ctx)
     pool = analysis["neutral_pool"]
     promoted: dict[str, dict[str, Any]] = {}
     prompts: dict[str, dict[int, SteeringPrompts]] = {}
