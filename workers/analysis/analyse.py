@@ -9,7 +9,7 @@ ranking of the features exclusive to each model, plus a summary of the shared on
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -22,7 +22,6 @@ from dfc.analysis.features import (
     scan_features,
 )
 from dfc.analysis.ranking import FeatureRanking, RankedFeature, RankingWeights, rank_features
-from dfc.analysis.stability import chance_threshold, cluster_findings, decoder_matrix
 from dfc.config import Architecture
 from dfc.crosscoder import Crosscoder
 from dfc.metrics import latent_scaling
@@ -41,13 +40,13 @@ from workers.analysis.data import (
     select_pairs,
     split_key,
 )
+from workers.analysis.ensemble import SIDES, RunScan, ensemble_summary, match_seeds
 from workers.pipeline.context import StageContext
 from workers.report.build import build_report
 from workers.report.html import render_html
 from workers.spec import AuditSpec
 from workers.spec import RankingWeights as SpecRankingWeights
 
-SIDES = ("a", "b")
 TOP_CONTEXTS = 10
 """Strongest contexts kept per feature (at most one per document)."""
 WEAK_CONTEXTS = 5
@@ -181,17 +180,6 @@ class _Texts:
                 "token": rec.token, "suffix": rec.suffix, "activation": rec.activation}  # fmt: skip
 
 
-class RunScan(NamedTuple):
-    """One seed's crosscoder over the analysed pairs: its partitions, statistics, contexts and Latent Scaling."""
-
-    run: TrainedRun
-    parts: dict[str, list[int]]
-    scan: FeatureScan
-    fired: dict[str, list[int]]
-    candidates: dict[str, dict[str, Any]]
-    """Per side, the fired exclusive features' statistics and Latent Scaling (``candidates_to_json``)."""
-
-
 def _scan_run(run: TrainedRun, watch: _Watch, first_pass: int, seed: int) -> RunScan:
     """Two passes over the pairs: every feature's statistics and contexts, then Latent Scaling of the fired ones."""
     cc, parts = run.crosscoder, partition(run.crosscoder)
@@ -203,77 +191,6 @@ def _scan_run(run: TrainedRun, watch: _Watch, first_pass: int, seed: int) -> Run
     ls = latent_scaling(cc, ((t.x_a, t.x_b) for t in watch.batches(first_pass + 1)), fired["a"] + fired["b"],
                         owners=owners)  # fmt: skip
     return RunScan(run, parts, scan, fired, {side: candidates_to_json(fired[side], scan.stats, ls) for side in SIDES})
-
-
-class Ensemble(NamedTuple):
-    """The seeds' findings of one model matched into one list: representatives keyed across runs, with stability."""
-
-    keys: list[int]
-    """Each seed's ``top_features`` best, the seeds' rankings interleaved."""
-    stability: dict[int, float] | None
-    """Key → share of seeds that have it (None for one seed)."""
-    members: dict[int, list[dict[str, Any]]]
-    """Key → the matched feature of every seed that has it: run, seed, feature, cosine."""
-    threshold: float | None
-    """The cosine a match needed (None for one seed)."""
-    chance: float | None
-    """The chance level of a match at this width (the floor under the spec's threshold)."""
-    cluster: dict[int, int] | None = None
-    """Key → its cluster: findings of different seeds matched as one (None for one seed)."""
-
-
-CHANCE_SEED = 0x5EED
-"""Seed of the random directions behind a match's chance level: not a training seed, whose initial decoder
-directions these would otherwise repeat (decoders of a short run stay close to their initialisation)."""
-
-
-def _interleaved(orders: list[list[int]]) -> list[int]:
-    """Each seed's ranking in turn: the first of every seed, then the second of every seed, …"""
-    out = []
-    for i in range(max((len(o) for o in orders), default=0)):
-        out.extend(o[i] for o in orders if i < len(o))
-    return out
-
-
-def _ensemble(scans: list[RunScan], side: str, weights: RankingWeights, threshold: float, top: int) -> Ensemble:
-    """Rank each seed's fired features, take each seed's ``top`` into one list (a seed's best findings are never
-    crowded out by another's), and match them across seeds (``dfc.analysis.stability``) into clusters.
-
-    Every seed's top findings stay in the list, each with its cluster: which of a cluster's findings is reported is
-    decided once they are screened (the steer stage keeps the best ranked of each), since the one a seed ranks first
-    before screening need not be the one that carries the behaviour best."""
-    n = scans[0].run.crosscoder.config.n_features
-    merged = merge_candidates([([feature_key(s.run.run, f, n) for f in s.fired[side]], s.candidates[side])
-                               for s in scans])  # fmt: skip
-    _, stats, ls = candidates_from_json(merged)
-    orders = []
-    for s in scans:
-        mine = [feature_key(s.run.run, f, n) for f in s.fired[side]]
-        orders.append(rank_features(mine, stats, latent_scaling=ls, weights=weights).top(top) if mine else [])
-    order = _interleaved(orders)
-    seed_of = {s.run.run: s.run.seed for s in scans}
-    if len(scans) == 1:
-        return Ensemble(order, None, {k: [{"run": 0, "seed": seed_of[0], "feature": k, "cosine": 1.0}] for k in order},
-                        None, None)  # fmt: skip
-    decoders = [decoder_matrix(s.run.crosscoder, s.parts[side], side) for s in scans]
-    chance = chance_threshold(decoders, generator=torch.Generator().manual_seed(CHANCE_SEED))
-    needed = max(threshold, chance)
-    clusters = cluster_findings(decoders, [s.parts[side] for s in scans], [split_key(k, n) for k in order], needed)
-    rows = [{f: i for i, f in enumerate(s.parts[side])} for s in scans]
-    listed = set(order)
-    stability, members, cluster_of = {}, {}, {}
-    for c, cluster in enumerate(clusters):
-        for m in cluster.members.values():
-            key = feature_key(m.run, m.feature, n)
-            if key not in listed:
-                continue  # matched, but outside its seed's top: evidence only
-            cluster_of[key], stability[key] = c, cluster.stability
-            mine = decoders[m.run][rows[m.run][m.feature]]
-            members[key] = [{"run": o.run, "seed": seed_of[o.run], "feature": o.feature,
-                             "cosine": 1.0 if o.run == m.run else
-                             float(mine @ decoders[o.run][rows[o.run][o.feature]])}
-                            for o in sorted(cluster.members.values())]  # fmt: skip
-    return Ensemble(order, stability, members, needed, chance, cluster_of)
 
 
 def _feature_record(scan: RunScan, feature: int, key: int, entry: RankedFeature, texts: _Texts,
@@ -342,7 +259,7 @@ def analyse_stage(ctx: StageContext) -> dict[str, Any]:
     scans = [_scan_run(run, watch, 2 * i, spec.seed) for i, run in enumerate(runs)]
     first, n = scans[0], runs[0].crosscoder.config.n_features
     weights = dfc_weights(spec.ranking)
-    ensembles = {side: _ensemble(scans, side, weights, spec.training.match_threshold, spec.top_features)
+    ensembles = {side: match_seeds(scans, side, weights, spec.training.match_threshold, spec.top_features)
                  for side in SIDES}  # fmt: skip
     merged = {side: merge_candidates([([feature_key(s.run.run, f, n) for f in s.fired[side]], s.candidates[side])
                                       for s in scans]) for side in SIDES}  # fmt: skip
@@ -392,7 +309,7 @@ def analyse_stage(ctx: StageContext) -> dict[str, Any]:
         "fired": {side: len(first.fired[side]) for side in SIDES},
         "candidates": merged,
         "stability": {side: {str(k): v for k, v in (ensembles[side].stability or {}).items()} for side in SIDES},
-        "ensemble": _ensemble_summary(scans, ensembles),
+        "ensemble": ensemble_summary(scans, ensembles),
         "features": features,
         "shared": _shared_summary(first.run.crosscoder, first.scan, first.parts["shared"], listed, texts),
         "mean_activation": {side: (watch.sums[side] / max(stats0.tokens, 1)).tolist() for side in SIDES},
@@ -419,23 +336,6 @@ def _merged_pool(watch: _Watch, scans: list[RunScan]) -> list[dict[str, Any]]:
         for opening, more in zip(merged, other, strict=True):
             opening["fired"] = sorted(set(opening["fired"]) | set(more["fired"]))
     return merged
-
-
-def _ensemble_summary(scans: list[RunScan], ensembles: dict[str, Ensemble]) -> dict[str, Any]:
-    """How many seeds, and per model how the findings spread over them (for the report)."""
-    out: dict[str, Any] = {"runs": len(scans), "seeds": [s.run.seed for s in scans]}
-    for side in SIDES:
-        e = ensembles[side]
-        by_cluster = {e.cluster[k]: v for k, v in (e.stability or {}).items()} if e.cluster else {}
-        values = list(by_cluster.values())
-        out[side] = {
-            "findings": len(values) if values else len(e.keys),  # clusters: findings matched across seeds are one
-            "threshold": e.threshold,
-            "chance_cosine": e.chance,
-            "in_every_seed": sum(v >= 1.0 for v in values) if values else len(e.keys),
-            "in_one_seed": sum(v * len(scans) < 1.5 for v in values) if values else 0,
-        }
-    return out
 
 
 def _model_info(spec: AuditSpec, extracted: dict[str, Any], stream: OrderedPairs, side: str, tok: Any) -> dict:
