@@ -16,12 +16,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from dfc.behaviour.attribution import attribute
 from dfc.behaviour.scan import (
     DivergentContext,
     Prediction,
     ScanDocument,
     attach_contexts,
-    attribute,
     divergent_contexts,
     documents_saying,
     owner_predictions,

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dfc.behaviour.attribution import attribute
 from dfc.behaviour.scan import (
     Prediction,
     ScanDocument,
     attach_contexts,
-    attribute,
     divergent_contexts,
     documents_saying,
     owner_predictions,
