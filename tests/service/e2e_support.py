@@ -154,11 +154,13 @@ class ServedApi:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 
-    def crash(self, settle_s: float = 20.0) -> list[str]:
+    def crash(self, settle_s: float = 45.0) -> list[str]:
         """SIGKILL the server process alone; return the command lines of the processes it started that outlive it.
 
-        Waits up to ``settle_s`` for them to go, except Ray's per-node agents, which are known to linger for up
-        to a minute (they notice on their own schedule that the raylet is gone); then ends them all.
+        Waits up to ``settle_s`` for them to go (a training actor busy in a long operation notices last that its
+        raylet is gone, and a seed ensemble trains two at once on two cores), except Ray's per-node agents, which are
+        known to linger for up to a minute (they notice on their own schedule that the raylet is gone); then ends them
+        all.
         """
         assert self.proc is not None, "not running"
         session = self.proc.pid  # start_new_session: every process it starts stays in this session
