@@ -1,126 +1,88 @@
 """The extract stage: stream a corpus through one model, capture the residual stream at one layer, and write
-activation shards to object storage under a cache key that every audit against the same model reuses.
-
-Key: `activations/{model@commit}/{layer}/{corpus-key}-len{max_length}[-max{max_tokens}]`. Truncation length
-and token budget change which tokens are stored, so they are part of the key; batch sizes and devices are not.
+activation shards to object storage under a cache key that every audit against the same model reuses (the
+request and its key: `workers/activations/request.py`).
 
 Texts: per shard, `texts-NNNNN.jsonl` holds one line `{"doc_id", "source", "text", "n_dropped"}` per document,
 written *before* the shard, so every committed shard has its texts. `text` is the exact string the model was
 fed (the rendered text the offsets index into): equal to `Document.text` with chat_format="plain", the chat
 template's output with "template". Texts are always stored, since they cost well under 1% of the activations
 and the alignment stage then needs only the store, not the corpus.
+
+Shards: planned before any is extracted (`workers/activations/plan.py`): shard `i` holds the documents of block
+`i`, batched on their own, so the stored bytes do not depend on how many replicas extract the blocks or in which
+order. `plan_extraction` (once per prefix) stores the plan and clears crash leftovers; `extract_block` (any
+number of workers, one block each at a time) commits one shard; `finish_extraction` writes the manifest.
+`extract` runs the three in one process.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from pathlib import Path
+from itertools import islice
 from typing import Any, NamedTuple
 
 import torch
-from huggingface_hub import hf_hub_download, model_info
-from transformers import AutoConfig, PretrainedConfig
 
-from dfc.lm.hooks import DocumentActivations, LayerSpec, LayerSpecError, iter_document_activations, resolve_layer
-from workers.activations.corpus import CorpusSpec, Document, corpus_key, iter_documents, render_for_model
-from workers.activations.loading import (
-    TRUSTED_MODELS_ENV,
-    LoadedModel,
-    ModelLoadError,
-    _read_config_dict,
-    layer_count_attribute,
-    load_model,
-    needs_remote_code,
-    trusted_models_from_env,
+from dfc.lm.hooks import DocumentActivations, iter_document_activations
+from workers.activations.corpus import CorpusError, CorpusSpec, Document, iter_documents, render_for_model
+from workers.activations.loading import LoadedModel, ModelLoadError, _load_tokenizer, load_model
+from workers.activations.plan import Block, ShardPlan, blocks_of_entries, cut_blocks, read_plan, store_plan
+from workers.activations.request import (
+    ExtractionKey,
+    ExtractionRequest,
+    extraction_prefix,
+    resolve_key,
+    torch_dtype,
 )
 from workers.activations.shards import (
+    MANIFEST,
     Manifest,
     ShardData,
-    ShardWriter,
-    activation_prefix,
+    ShardEntry,
+    commit_shard,
+    entry_name,
+    scan_prefix,
+    write_manifest,
 )
-from workers.storage import ObjectStore, StorageError
+from workers.storage import ObjectNotFound, ObjectStore, StorageError
+
+__all__ = [  # the request and its key live in request.py; callers keep importing them from here
+    "TEXTS_NAME",
+    "DocumentCursor",
+    "ExtractionCancelled",
+    "ExtractionKey",
+    "ExtractionPlan",
+    "ExtractionProgress",
+    "ExtractionRequest",
+    "ExtractionResult",
+    "document_token_counts",
+    "extract",
+    "extract_block",
+    "extraction_prefix",
+    "finish_extraction",
+    "load_for_extraction",
+    "load_tokenizer",
+    "plan_extraction",
+    "read_texts",
+    "resolve_key",
+    "torch_dtype",
+]
 
 log = logging.getLogger(__name__)
 
 TEXTS_NAME = "texts-{index:05d}.jsonl"
 """Name (within the prefix) of the rendered texts of shard `index`."""
 _TEXTS_RE = re.compile(r"/texts-(\d{5,})\.jsonl$")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
-_HASHED_FILE_LIMIT = 64 << 20
+_COUNT_CHUNK = 256
 
 
 class ExtractionCancelled(Exception):  # noqa: N818 - names the outcome, as callers read it
     """`should_stop()` asked to stop; committed shards are kept and a rerun resumes from them."""
-
-
-@dataclass(frozen=True)
-class ExtractionRequest:
-    """What to extract: one model at one layer over one corpus, and how to run it."""
-
-    model: str
-    """Hugging Face id or local folder of a decoder-only causal LM."""
-    revision: str | None
-    """Branch, tag or commit of a hub model (None: "main"); pinned to a commit hash before use."""
-    layer: LayerSpec
-    """Decoder block whose output is captured: an index, a negative index, or "middle"."""
-    corpus: CorpusSpec
-    """The documents, in order; both models of an audit read the same ones."""
-    device_map: str | dict[str, Any] | None = "auto"
-    """Passed to transformers/accelerate; None loads on the CPU without a device map."""
-    max_memory: dict[Any, str | int] | None = None
-    """Per-device memory caps for `device_map="auto"`, e.g. {0: "20GiB", "cpu": "64GiB"}."""
-    dtype: str | None = None
-    """Weights dtype ("bfloat16", "float32", …); None: bf16 on GPU, fp32 on CPU. Activations are stored bf16."""
-    batch_size: int = 8
-    """Documents per forward pass at most."""
-    max_tokens_per_batch: int = 8192
-    """Padded tokens per forward pass at most (bounds memory)."""
-    max_length: int = 1024
-    """Tokens kept per document; the rest is dropped (counted per document in the texts file)."""
-    tokens_per_shard: int = 65536
-    """Target tokens per shard; shards hold whole documents, so they end slightly above it."""
-    max_tokens: int | None = None
-    """Token budget: stop at the document boundary where it is reached (None: the whole corpus)."""
-    trusted_models: frozenset[str] | None = None
-    """Model ids allowed to run custom code; None reads DFC_TRUSTED_MODELS."""
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "max_tokens_per_batch", "max_length", "tokens_per_shard", "max_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"extraction {name}={value} must be at least 1")
-        if self.max_length > self.max_tokens_per_batch:
-            raise ValueError(
-                f"extraction max_length={self.max_length} exceeds max_tokens_per_batch="
-                f"{self.max_tokens_per_batch}; raise the batch budget or lower max_length"
-            )
-        torch_dtype(self.dtype)
-
-    @property
-    def trusted(self) -> frozenset[str]:
-        return self.trusted_models if self.trusted_models is not None else frozenset(trusted_models_from_env())
-
-
-class ExtractionKey(NamedTuple):
-    """Where a request's activations live, resolved from the config alone (no weights loaded)."""
-
-    model_id: str
-    """The hub id, or the absolute path of a local folder."""
-    revision: str
-    """Commit hash (hub), "local-<hash of the folder's files>", or the requested name when offline."""
-    load_revision: str | None
-    """What `load_model` gets: the pinned commit for hub models, None for local folders."""
-    layer_index: int
-    corpus_key: str
-    prefix: str
 
 
 class ExtractionProgress(NamedTuple):
@@ -130,6 +92,24 @@ class ExtractionProgress(NamedTuple):
     tokens_done: int
     shards_done: int
     tokens_budget: int | None
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """A request's shards as planned, and what storage held when the plan was made."""
+
+    key: ExtractionKey
+    shards: ShardPlan
+    committed: tuple[ShardEntry, ...]
+    """Shards committed before (by an earlier run, or another worker), kept and never rewritten."""
+    complete: bool
+    """True when the manifest exists: nothing is left to do."""
+
+    @property
+    def pending(self) -> tuple[Block, ...]:
+        """The blocks still to extract, in index order."""
+        done = {e.index for e in self.committed}
+        return tuple(b for b in self.shards.blocks if b.index not in done)
 
 
 @dataclass(frozen=True)
@@ -148,102 +128,14 @@ class ExtractionResult:
         return self.key.prefix
 
 
-def torch_dtype(name: str | None) -> torch.dtype | None:
-    """Parse a dtype name such as "bfloat16"; None stays None."""
-    if name is None:
-        return None
-    dtype = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype {name!r} is not a torch floating dtype such as 'bfloat16' or 'float32'")
-    return dtype
-
-
-def local_revision(folder: Path) -> str:
-    """`local-` + a short hash of a model folder: small files by content, weights by name, size and mtime.
-
-    Hashing gigabytes of weights would make the cheap cache check slow; size and mtime change whenever a
-    weight file is rewritten, so a retrained checkpoint never hits a stale cache (a copy may miss it).
-    """
-    sha = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        stat = path.stat()
-        sha.update(path.name.encode() + b"\0")
-        if path.suffix in _WEIGHT_SUFFIXES or stat.st_size > _HASHED_FILE_LIMIT:
-            sha.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-        else:
-            sha.update(path.read_bytes())
-    return f"local-{sha.hexdigest()[:12]}"
-
-
-def resolve_revision(model: str, revision: str | None) -> str:
-    """The commit hash of a hub model's `revision`: asked of the hub, else read from the local hub cache,
-    else (offline, not cached) the requested name itself, which the config read then reports on."""
-    try:
-        sha = model_info(model, revision=revision).sha
-        if sha:
-            return sha
-    except Exception as exc:  # offline, rate-limited, gated …: the config read below names real problems
-        log.info("cannot ask the hub for %s@%s (%s); trying the local cache", model, revision, exc)
-    try:
-        cached = hf_hub_download(model, "config.json", revision=revision, local_files_only=True)
-        return Path(cached).parent.name  # the snapshot folder is named by its commit hash
-    except Exception:
-        log.warning("cannot pin %s@%s to a commit (offline, not cached); keying by the name", model, revision)
-        return revision or "main"
-
-
-def _read_config(name: str, revision: str | None, trusted: frozenset[str]) -> PretrainedConfig:
-    """The model's config under the loading policy (remote code only when trusted); no weights are read."""
-    config_dict = _read_config_dict(name, revision, None)  # names a missing path or hub problem
-    remote = needs_remote_code(config_dict)
-    if remote and name not in trusted:
-        raise ModelLoadError(f"model '{name}' needs trust_remote_code; add it to {TRUSTED_MODELS_ENV} to allow it")
-    try:
-        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=remote)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the config of model '{name}': {exc}") from exc
-
-
-def resolve_key(request: ExtractionRequest) -> ExtractionKey:
-    """Pin the revision, resolve the layer and hash the corpus, reading only configs (no weights)."""
-    folder = Path(request.model).expanduser()
-    if folder.is_dir():
-        model_id, revision, load_revision = str(folder.resolve()), local_revision(folder), None
-    else:
-        model_id = request.model
-        revision = load_revision = resolve_revision(model_id, request.revision)
-    counted = layer_count_attribute(_read_config(model_id, load_revision, request.trusted))
-    if counted is None and not (isinstance(request.layer, int) and request.layer >= 0):
-        raise LayerSpecError(
-            f"model '{request.model}' does not state its layer count in its config: give a non-negative "
-            f"layer index (checked once its blocks are loaded) instead of {request.layer!r}"
-        )
-    try:
-        layer_index = int(request.layer) if counted is None else resolve_layer(request.layer, counted.num_hidden_layers)
-    except LayerSpecError as exc:
-        raise LayerSpecError(f"model '{request.model}': {exc}") from None
-    data_key = f"{corpus_key(request.corpus)}-len{request.max_length}"
-    if request.max_tokens is not None:
-        data_key += f"-max{request.max_tokens}"
-    return ExtractionKey(
-        model_id=model_id,
-        revision=revision,
-        load_revision=load_revision,
-        layer_index=layer_index,
-        corpus_key=data_key,
-        prefix=activation_prefix(model_id, revision, layer_index, data_key),
-    )
-
-
-def extraction_prefix(request: ExtractionRequest) -> str:
-    """The storage prefix of a request's activations, without loading weights (for cheap cache checks)."""
-    return resolve_key(request).prefix
-
-
 def read_texts(store: ObjectStore, prefix: str, shard_index: int) -> dict[int, str]:
     """The texts (as the model saw them; offsets index into them) of the documents in one shard, by doc id."""
     data = store.get_bytes(f"{prefix}/{TEXTS_NAME.format(index=shard_index)}")
     return {(row := json.loads(line))["doc_id"]: row["text"] for line in data.decode().splitlines() if line}
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    return tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
 
 
 def _model_text(doc: Document, tokenizer: Any, request: ExtractionRequest, adds_bos: bool) -> str:
@@ -255,10 +147,25 @@ def _model_text(doc: Document, tokenizer: Any, request: ExtractionRequest, adds_
     return text
 
 
+def load_tokenizer(request: ExtractionRequest, key: ExtractionKey) -> Any:
+    """The model's tokenizer alone (no weights), as `load_model` would load it."""
+    return _load_tokenizer(key.model_id, key.load_revision, None, key.model_id in request.trusted)
+
+
+def document_token_counts(request: ExtractionRequest, tokenizer: Any) -> Generator[int, None, None]:
+    """Each document's token count in this model, as extraction stores it (rendered, truncated to `max_length`)."""
+    adds_bos = _adds_bos(tokenizer)
+    docs = iter_documents(request.corpus)
+    with closing(docs):
+        while chunk := [_model_text(doc, tokenizer, request, adds_bos) for doc in islice(docs, _COUNT_CHUNK)]:
+            for ids in tokenizer(chunk, add_special_tokens=True)["input_ids"]:
+                yield min(len(ids), request.max_length)
+
+
 def _metadata(
-    request: ExtractionRequest, key: ExtractionKey, loaded: LoadedModel, budget_reached: bool
+    request: ExtractionRequest, key: ExtractionKey, loaded: LoadedModel, shards: ShardPlan
 ) -> dict[str, Any]:
-    """What the manifest records about how its activations were made."""
+    """What the manifest records about how its activations were made (nothing about who made them)."""
     tok = loaded.tokenizer
     return {
         "stage": "extract",
@@ -287,7 +194,8 @@ def _metadata(
         },
         "max_length": request.max_length,
         "max_tokens": request.max_tokens,
-        "budget_reached": budget_reached,
+        "budget_reached": shards.budget_reached,
+        "tokens_per_shard": shards.tokens_per_shard,
         "texts": TEXTS_NAME,
     }
 
@@ -305,122 +213,83 @@ def _document_part(doc_id: int, acts: DocumentActivations) -> ShardData:
     )
 
 
-class _ShardBuilder:
-    """Collects whole documents and commits them as the next shard: texts first, then shard and entry."""
+class DocumentCursor:
+    """A corpus's documents by id range, read forward from one open stream (reopened only to go back), so a
+    worker handed blocks in order reads the corpus once."""
 
-    def __init__(self, store: ObjectStore, writer: ShardWriter) -> None:
-        self.store, self.writer = store, writer
-        self.next_index = writer.resume.next_index
-        self.tokens_done = sum(e.n_tokens for e in writer.entries)
-        self.parts: list[ShardData] = []
-        self.rows: list[dict[str, Any]] = []
-        self.pending_tokens = 0
-        # Texts of shards a crash never committed would otherwise linger next to the rewritten ones.
-        for stale in store.list(f"{writer.prefix}/texts-"):
-            if (m := _TEXTS_RE.search(stale)) and int(m[1]) >= self.next_index:
-                store.delete(stale)
+    def __init__(self, corpus: CorpusSpec) -> None:
+        self.corpus = corpus
+        self._docs: Iterator[Document] | None = None
+        self._next = 0
 
-    def add(self, part: ShardData, row: dict[str, Any]) -> None:
-        self.parts.append(part)
-        self.rows.append(row)
-        self.pending_tokens += part.n_tokens
-
-    def commit(self) -> bool:
-        """Write the pending documents as one shard; return whether there was anything to write."""
-        if not self.parts:
-            return False
-        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows)
-        self.store.put_bytes(f"{self.writer.prefix}/{TEXTS_NAME.format(index=self.next_index)}", lines.encode())
-        entry = self.writer.write_shard(ShardData.concat(self.parts))
-        if entry.index != self.next_index:
-            raise StorageError(
-                f"another writer is working on {self.store.url}/{self.writer.prefix}; "
-                "run one extraction per prefix at a time"
+    def take(self, start: int, end: int) -> list[Document]:
+        """Documents `start … end-1`; `CorpusError` if the corpus ends before `end`."""
+        if self._docs is None or start < self._next:
+            self.close()
+            self._docs, self._next = iter_documents(self.corpus), 0
+        taken: list[Document] = []
+        while self._next < end and (doc := next(self._docs, None)) is not None:
+            self._next = doc.doc_id + 1
+            if doc.doc_id >= start:
+                taken.append(doc)
+        if len(taken) != end - start:
+            raise CorpusError(
+                f"corpus {self.corpus.describe()} ended at document {self._next}, before document {end - 1} that "
+                "its shard plan was cut from: the corpus changed since; delete the prefix's plan.json and shards "
+                "and extract again"
             )
-        self.next_index += 1
-        self.tokens_done += entry.n_tokens
-        self.parts, self.rows, self.pending_tokens = [], [], 0
-        return True
+        return taken
+
+    def close(self) -> None:
+        if isinstance(self._docs, Generator):
+            self._docs.close()
+        self._docs = None
 
 
-def _stream(
-    request: ExtractionRequest,
-    key: ExtractionKey,
-    loaded: LoadedModel,
-    shards: _ShardBuilder,
-    report: Callable[[], None],
-    should_stop: Callable[[], bool] | None,
-) -> bool:
-    """Feed the documents not yet committed through the model into `shards`; return whether the budget ended it."""
-    tokenizer, budget, done = loaded.tokenizer, request.max_tokens, shards.writer.done_docs
-    if budget is not None and shards.tokens_done >= budget:
-        return True
-    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
-    queue: deque[tuple[Document, str]] = deque()  # documents fed to the model, not yet seen coming out
-
-    def model_texts(docs: Iterator[Document]) -> Iterator[str]:
-        for doc in docs:
-            if doc.doc_id not in done:
-                queue.append((doc, _model_text(doc, tokenizer, request, adds_bos)))
-                yield queue[-1][1]
-
-    docs = iter_documents(request.corpus)
-    stream = iter_document_activations(
-        loaded.model,
-        tokenizer,
-        model_texts(docs),
-        key.layer_index,
-        batch_size=request.batch_size,
-        max_tokens_per_batch=request.max_tokens_per_batch,
-        max_length=request.max_length,
-    )
-    with closing(docs), closing(stream):
-        for acts in stream:
-            doc, text = queue.popleft()
-            if should_stop is not None and should_stop():
-                raise ExtractionCancelled(
-                    f"extraction of '{request.model}' layer {key.layer_index} was cancelled with "
-                    f"{len(shards.writer.entries)} shards committed under {shards.store.url}/{key.prefix}; "
-                    "rerun to resume"
-                )
-            row = {"doc_id": doc.doc_id, "source": doc.source, "text": text, "n_dropped": acts.n_dropped}
-            shards.add(_document_part(doc.doc_id, acts), row)
-            if shards.pending_tokens >= request.tokens_per_shard and shards.commit():
-                report()
-            if budget is not None and shards.tokens_done + shards.pending_tokens >= budget:
-                return True  # the document that reached the budget is kept whole
-    return False
+def _plan_shards(request: ExtractionRequest, key: ExtractionKey) -> ShardPlan:
+    tokenizer = load_tokenizer(request, key)
+    counts = document_token_counts(request, tokenizer)
+    with closing(counts):
+        return cut_blocks(counts, tokens_per_shard=request.tokens_per_shard, max_tokens=request.max_tokens)
 
 
-def extract(
-    request: ExtractionRequest,
-    store: ObjectStore,
-    *,
-    progress: Callable[[ExtractionProgress], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> ExtractionResult:
-    """Extract `request`'s activations into `store`, or return the cached ones; resume an interrupted run.
+def plan_extraction(request: ExtractionRequest, store: ObjectStore) -> ExtractionPlan:
+    """Plan (or read the stored plan of) the request's shards and clear what a crash left uncommitted.
 
-    `progress` is called at the start and after each committed shard; `should_stop` once per document, and
-    when it returns True the uncommitted documents are dropped and `ExtractionCancelled` is raised.
+    Loads only the tokenizer, and nothing on a cache hit. Run it once per prefix before any `extract_block`:
+    it deletes shards and texts without a committed entry, which would include a running worker's.
     """
-    store.check()  # an unusable store must fail before minutes of model loading
+    store.check()  # an unusable store must fail before minutes of tokenizing or model loading
     key = resolve_key(request)
-    writer = ShardWriter(store, key.prefix, tokens_per_shard=request.tokens_per_shard, dtype=torch.bfloat16)
-    if writer.resume.complete:
-        log.info("cache hit: activations are complete at %s", key.prefix)
-        return ExtractionResult(key, writer.finish(), cached=True)
-    shards = _ShardBuilder(store, writer)
+    try:
+        manifest = Manifest.from_json(store.get_json(f"{key.prefix}/{MANIFEST}"))
+    except ObjectNotFound:
+        manifest = None
+    if manifest is not None:
+        stored = read_plan(store, key.prefix)
+        shards = stored or ShardPlan(
+            request.tokens_per_shard, blocks_of_entries(manifest.shards), bool(manifest.metadata.get("budget_reached"))
+        )
+        return ExtractionPlan(key, shards, manifest.shards, complete=True)
+    shards = read_plan(store, key.prefix)
+    if shards is None:
+        shards = store_plan(store, key.prefix, _plan_shards(request, key))
+    if shards.tokens_per_shard != request.tokens_per_shard:
+        log.info("%s keeps the shard plan it was cut by (%d tokens per shard)", key.prefix, shards.tokens_per_shard)
+    if not shards.blocks:
+        raise CorpusError(f"corpus {request.corpus.describe()} has no documents to extract")
+    blocks = shards.blocks
+    resume = scan_prefix(store, key.prefix, keep=lambda e: e.index < len(blocks) and blocks[e.index].matches(e))
+    kept = {e.index for e in resume.committed}
+    # Texts of shards a crash never committed would otherwise linger next to the rewritten ones.
+    for stale in store.list(f"{key.prefix}/texts-"):
+        if (m := _TEXTS_RE.search(stale)) and int(m[1]) not in kept:
+            store.delete(stale)
+    return ExtractionPlan(key, shards, tuple(sorted(resume.committed, key=lambda e: e.index)), complete=False)
 
-    def report() -> None:
-        if progress is not None:
-            docs, n_shards = len(writer.done_docs), len(writer.entries)
-            progress(ExtractionProgress(docs, shards.tokens_done, n_shards, request.max_tokens))
 
-    report()
-    resumed = len(writer.resume.committed)
-    if resumed:
-        log.info("resuming %s: %d shards, %d tokens committed", key.prefix, resumed, shards.tokens_done)
+def load_for_extraction(request: ExtractionRequest, key: ExtractionKey) -> LoadedModel:
+    """The model, loaded up to the hooked layer, with the fast tokenizer that character offsets need."""
     loaded = load_model(
         key.model_id,
         revision=key.load_revision,
@@ -435,9 +304,126 @@ def extract(
             f"model '{request.model}' has a slow tokenizer ({type(loaded.tokenizer).__name__}); extraction "
             "needs a fast one for character offsets (ship tokenizer.json with the model)"
         )
-    budget_reached = _stream(request, key, loaded, shards, report, should_stop)
-    if shards.commit():
-        report()
-    manifest = writer.finish(_metadata(request, key, loaded, budget_reached))
-    log.info("extracted %d tokens of %d documents into %s", manifest.n_tokens, manifest.n_docs, key.prefix)
-    return ExtractionResult(key, manifest, cached=False, resumed_shards=resumed)
+    return loaded
+
+
+def extract_block(
+    request: ExtractionRequest,
+    key: ExtractionKey,
+    block: Block,
+    loaded: LoadedModel,
+    store: ObjectStore,
+    *,
+    documents: DocumentCursor | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ShardEntry:
+    """Extract one planned block and commit it as shard `block.index`: texts first, then shard and entry.
+
+    A block committed already is returned as it is, never rewritten. The block is batched on its own, so its
+    bytes are the same whichever worker extracts it. `should_stop` is asked once per document; when it returns
+    True nothing of the block is committed and `ExtractionCancelled` is raised.
+    """
+    entry_key = f"{key.prefix}/{entry_name(block.index)}"
+    if store.exists(entry_key):
+        return ShardEntry.from_json(store.get_json(entry_key))
+    cursor = documents or DocumentCursor(request.corpus)
+    try:
+        docs = cursor.take(block.start, block.end)
+    finally:
+        if documents is None:
+            cursor.close()
+    tokenizer = loaded.tokenizer
+    adds_bos = _adds_bos(tokenizer)
+    texts = [_model_text(doc, tokenizer, request, adds_bos) for doc in docs]
+    stream = iter_document_activations(
+        loaded.model,
+        tokenizer,
+        texts,
+        key.layer_index,
+        batch_size=request.batch_size,
+        max_tokens_per_batch=request.max_tokens_per_batch,
+        max_length=request.max_length,
+    )
+    parts: list[ShardData] = []
+    rows: list[str] = []
+    with closing(stream):
+        for doc, text, acts in zip(docs, texts, stream, strict=True):
+            if should_stop is not None and should_stop():
+                raise ExtractionCancelled(
+                    f"extraction of '{request.model}' layer {key.layer_index} was cancelled; the shards committed "
+                    f"under {store.url}/{key.prefix} are kept: rerun to resume"
+                )
+            row = {"doc_id": doc.doc_id, "source": doc.source, "text": text, "n_dropped": acts.n_dropped}
+            rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+            parts.append(_document_part(doc.doc_id, acts))
+    store.put_bytes(f"{key.prefix}/{TEXTS_NAME.format(index=block.index)}", "".join(rows).encode())
+    entry = commit_shard(store, key.prefix, block.index, ShardData.concat(parts), dtype=torch.bfloat16)
+    if entry.n_tokens != block.n_tokens:
+        log.warning(
+            "shard %d of %s holds %d tokens, its plan counted %d: the tokenizer counts differently in batches",
+            block.index, key.prefix, entry.n_tokens, block.n_tokens,
+        )  # fmt: skip
+    return entry
+
+
+def finish_extraction(
+    request: ExtractionRequest, plan: ExtractionPlan, loaded: LoadedModel, store: ObjectStore
+) -> Manifest:
+    """Write the manifest of a prefix whose planned shards are all committed (once; a repeat returns it)."""
+    prefix = plan.key.prefix
+    if plan.complete:
+        return Manifest.from_json(store.get_json(f"{prefix}/{MANIFEST}"))
+    entries = []
+    for block in plan.shards.blocks:
+        try:
+            entries.append(ShardEntry.from_json(store.get_json(f"{prefix}/{entry_name(block.index)}")))
+        except ObjectNotFound:
+            raise StorageError(
+                f"shard {block.index} of {store.url}/{prefix} is not committed; extract its block "
+                "(rerun the extraction) before writing the manifest"
+            ) from None
+    return write_manifest(
+        store, prefix, entries, dtype=torch.bfloat16, metadata=_metadata(request, plan.key, loaded, plan.shards)
+    )
+
+
+def extract(
+    request: ExtractionRequest,
+    store: ObjectStore,
+    *,
+    progress: Callable[[ExtractionProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ExtractionResult:
+    """Extract `request`'s activations into `store`, or return the cached ones; resume an interrupted run.
+
+    One process does what the pipeline's replicas share: plan, extract every pending block in order, finish.
+    `progress` is called at the start and after each committed shard; `should_stop` once per document, and
+    when it returns True the uncommitted documents are dropped and `ExtractionCancelled` is raised.
+    """
+    plan = plan_extraction(request, store)
+    if plan.complete:
+        log.info("cache hit: activations are complete at %s", plan.key.prefix)
+        manifest = Manifest.from_json(store.get_json(f"{plan.key.prefix}/{MANIFEST}"))
+        return ExtractionResult(plan.key, manifest, cached=True)
+    entries = {e.index: e for e in plan.committed}
+
+    def report() -> None:
+        if progress is not None:
+            docs = sum(len(e.doc_ids) for e in entries.values())
+            tokens = sum(e.n_tokens for e in entries.values())
+            progress(ExtractionProgress(docs, tokens, len(entries), request.max_tokens))
+
+    report()
+    if entries:
+        log.info("resuming %s: %d shards committed", plan.key.prefix, len(entries))
+    loaded = load_for_extraction(request, plan.key)
+    documents = DocumentCursor(request.corpus)
+    with closing(documents):
+        for block in plan.pending:
+            entries[block.index] = extract_block(
+                request, plan.key, block, loaded, store, documents=documents, should_stop=should_stop
+            )
+            report()
+    manifest = finish_extraction(request, plan, loaded, store)
+    log.info("extracted %d tokens of %d documents into %s", manifest.n_tokens, manifest.n_docs, plan.key.prefix)
+    return ExtractionResult(plan.key, manifest, cached=False, resumed_shards=len(plan.committed))

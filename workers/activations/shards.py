@@ -3,6 +3,10 @@
 Layout under a prefix: `shard-00000.safetensors`, then its entry `shard-00000.json` (checksum, counts,
 documents), …, and `manifest.json` last. A shard without an entry is a crash leftover and is ignored; a
 prefix without a manifest is unfinished. Readers verify each shard's sha256 before using it.
+
+Two ways to write: `ShardWriter` cuts shards from a stream of documents (one writer per prefix), while
+`scan_prefix` + `commit_shard` + `write_manifest` let several workers commit shards of known indices
+concurrently (extraction replicas): the scan, which deletes crash leftovers, runs once before they start.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 from urllib.parse import quote, unquote
@@ -245,6 +249,131 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def scan_prefix(
+    store: ObjectStore, prefix: str, *, verify: bool = True, keep: Callable[[ShardEntry], bool] | None = None
+) -> ResumeState:
+    """Find the committed shards under `prefix`; delete entries that do not match their shard (or that `keep`
+    rejects) and shards without an entry. Run it while no writer works on the prefix: it deletes their
+    uncommitted shards."""
+    prefix = validate_key(prefix.strip("/"))
+    try:
+        manifest = Manifest.from_json(store.get_json(f"{prefix}/{MANIFEST}"))
+    except ObjectNotFound:
+        manifest = None
+    if manifest is not None:
+        done = frozenset().union(*(e.doc_ids for e in manifest.shards))
+        last = max((e.index for e in manifest.shards), default=-1)
+        return ResumeState(manifest.shards, done, last + 1, True, ())
+    names = [k.rpartition("/")[2] for k in store.list(f"{prefix}/shard-")]
+    shards = {int(m[1]) for n in names if (m := _SHARD_RE.fullmatch(n))}
+    entries = sorted(int(m[1]) for n in names if (m := _ENTRY_RE.fullmatch(n)))
+    committed, discarded = [], []
+    for index in entries:
+        entry = ShardEntry.from_json(store.get_json(f"{prefix}/{entry_name(index)}"))
+        valid = (
+            index in shards
+            and (keep is None or keep(entry))
+            and (not verify or _sha256(store.get_bytes(f"{prefix}/{entry.key}")) == entry.sha256)
+        )
+        if valid:
+            committed.append(entry)
+            shards.discard(index)
+        else:
+            discarded.append(f"{prefix}/{entry_name(index)}")  # entry first: never a dangling commit
+    discarded += [f"{prefix}/{shard_name(i)}" for i in sorted(shards)]
+    for key in discarded:
+        log.warning("discarding uncommitted or damaged %s in %s", key, store.url)
+        store.delete(key)
+    done = frozenset().union(*(e.doc_ids for e in committed))
+    last = max((e.index for e in committed), default=-1)
+    return ResumeState(tuple(committed), done, last + 1, False, tuple(discarded))
+
+
+def _entry(index: int, shard: ShardData, data: bytes) -> ShardEntry:
+    return ShardEntry(
+        index=index,
+        key=shard_name(index),
+        sha256=_sha256(data),
+        n_bytes=len(data),
+        n_tokens=shard.n_tokens,
+        d_model=int(shard.activations.shape[1]),
+        tensors=tuple(shard.tensors()),
+        doc_runs=tuple((a, b) for a, b in _runs(shard.doc_ids.tolist())),
+    )
+
+
+def commit_shard(
+    store: ObjectStore, prefix: str, index: int, shard: ShardData, *, dtype: torch.dtype = torch.bfloat16
+) -> ShardEntry:
+    """Write `shard` as shard `index` under `prefix`, then commit it with its entry (a conditional put).
+
+    No scan and no deletion, so workers writing different indices never disturb each other. If the entry
+    exists already, the committed shard is kept as it is and its entry returned; its bytes must be the ones
+    this call would have written, else `StorageError` (two writers produced different shards for one index).
+    """
+    prefix = validate_key(prefix.strip("/"))
+    entry_key = f"{prefix}/{entry_name(index)}"
+    shard.validate()
+    normalised = shard.normalised(dtype)
+    data = save_safetensors(normalised.tensors(), metadata={"format": "pt"})
+    entry = _entry(index, normalised, data)
+    existing = ShardEntry.from_json(store.get_json(entry_key)) if store.exists(entry_key) else None
+    if existing is None:
+        # Shard first, entry second: an entry only ever points at a complete shard.
+        store.put_bytes(f"{prefix}/{entry.key}", data)
+        if store.put_json(entry_key, entry.to_json(), if_absent=True):
+            return entry
+        existing = ShardEntry.from_json(store.get_json(entry_key))
+    if existing != entry:
+        raise StorageError(
+            f"{store.url}/{entry_key} was committed by another writer with other contents (sha256 "
+            f"{existing.sha256[:12]}…, not {entry.sha256[:12]}…); only one extraction of a model, layer and "
+            "corpus may run at a time: delete the prefix and extract again"
+        )
+    log.info("shard %d under %s was committed already; kept as it is", index, prefix)
+    return existing
+
+
+def write_manifest(
+    store: ObjectStore,
+    prefix: str,
+    entries: Sequence[ShardEntry],
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    metadata: dict[str, Any] | None = None,
+) -> Manifest:
+    """Commit the manifest listing `entries` in index order (a conditional put); if a manifest with the same
+    shards exists already, return it. The last write of a prefix: readers see all of it or none."""
+    prefix = validate_key(prefix.strip("/"))
+    if not entries:
+        raise ValueError(f"no activations were written under {prefix}; add documents before finish()")
+    shards = tuple(sorted(entries, key=lambda e: e.index))
+    first = shards[0]
+    odd = [e.index for e in shards if (e.d_model, e.tensors) != (first.d_model, first.tensors)]
+    if odd:
+        raise ValueError(
+            f"shards {odd[:5]} under {prefix} have other widths or tensors than shard {first.index} "
+            f"(d_model {first.d_model}, {first.tensors}); they come from different models"
+        )
+    manifest = Manifest(
+        d_model=first.d_model,
+        dtype=str(dtype).removeprefix("torch."),
+        n_tokens=sum(e.n_tokens for e in shards),
+        n_docs=len(frozenset().union(*(e.doc_ids for e in shards))),
+        shards=shards,
+        metadata=dict(metadata or {}),
+    )
+    if not store.put_json(f"{prefix}/{MANIFEST}", manifest.to_json(), if_absent=True):
+        existing = Manifest.from_json(store.get_json(f"{prefix}/{MANIFEST}"))
+        if existing.shards != manifest.shards:
+            raise StorageError(
+                f"{store.url}/{prefix}/{MANIFEST} was written by another writer with "
+                "other shards; only one writer may work on a prefix at a time"
+            )
+        return existing
+    return manifest
+
+
 class ShardWriter:
     """Write whole documents into shards under `prefix`, resuming whatever a previous writer committed.
 
@@ -263,47 +392,12 @@ class ShardWriter:
     ) -> None:
         self.store, self.prefix = store, validate_key(prefix.strip("/"))
         self.tokens_per_shard, self.dtype = tokens_per_shard, dtype
-        self.resume = self._scan(verify_existing)
+        self.resume = scan_prefix(store, self.prefix, verify=verify_existing)
         self._entries = list(self.resume.committed)
         self._done = set(self.resume.done_docs)
         self._next = self.resume.next_index
         self._buffer: list[ShardData] = []
         self._buffered = 0
-
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}/{name}"
-
-    def _scan(self, verify: bool) -> ResumeState:
-        """Find committed shards; delete entries that do not match their shard and shards without entry."""
-        try:
-            manifest = Manifest.from_json(self.store.get_json(self._key(MANIFEST)))
-        except ObjectNotFound:
-            manifest = None
-        if manifest is not None:
-            done = frozenset().union(*(e.doc_ids for e in manifest.shards))
-            last = max((e.index for e in manifest.shards), default=-1)
-            return ResumeState(manifest.shards, done, last + 1, True, ())
-        names = [k.rpartition("/")[2] for k in self.store.list(self._key("shard-"))]
-        shards = {int(m[1]) for n in names if (m := _SHARD_RE.fullmatch(n))}
-        entries = sorted(int(m[1]) for n in names if (m := _ENTRY_RE.fullmatch(n)))
-        committed, discarded = [], []
-        for index in entries:
-            entry = ShardEntry.from_json(self.store.get_json(self._key(entry_name(index))))
-            valid = index in shards and (
-                not verify or _sha256(self.store.get_bytes(self._key(entry.key))) == entry.sha256
-            )
-            if valid:
-                committed.append(entry)
-                shards.discard(index)
-            else:
-                discarded.append(self._key(entry_name(index)))  # entry first: never a dangling commit
-        discarded += [self._key(shard_name(i)) for i in sorted(shards)]
-        for key in discarded:
-            log.warning("discarding uncommitted or damaged %s in %s", key, self.store.url)
-            self.store.delete(key)
-        done = frozenset().union(*(e.doc_ids for e in committed))
-        last = max((e.index for e in committed), default=-1)
-        return ResumeState(tuple(committed), done, last + 1, False, tuple(discarded))
 
     @property
     def done_docs(self) -> frozenset[int]:
@@ -364,25 +458,13 @@ class ShardWriter:
                 f"shard has d_model {shard.activations.shape[1]} and tensors {tuple(shard.tensors())}, but "
                 f"earlier shards have {first.d_model} and {first.tensors}"
             )
-        data = save_safetensors(shard.tensors(), metadata={"format": "pt"})
         index = self._next
-        entry = ShardEntry(
-            index=index,
-            key=shard_name(index),
-            sha256=_sha256(data),
-            n_bytes=len(data),
-            n_tokens=shard.n_tokens,
-            d_model=int(shard.activations.shape[1]),
-            tensors=tuple(shard.tensors()),
-            doc_runs=tuple((a, b) for a, b in _runs(shard.doc_ids.tolist())),
-        )
-        # Shard first, entry second: an entry only ever points at a complete shard.
-        self.store.put_bytes(self._key(entry.key), data)
-        if not self.store.put_json(self._key(entry_name(index)), entry.to_json(), if_absent=True):
+        if self.store.exists(f"{self.prefix}/{entry_name(index)}"):
             raise StorageError(
                 f"another writer committed {entry_name(index)} under {self.store.url}/{self.prefix}; "
                 "only one writer may work on a prefix at a time"
             )
+        entry = commit_shard(self.store, self.prefix, index, shard, dtype=self.dtype)
         self._entries.append(entry)
         self._done.update(entry.doc_ids)
         self._next = index + 1
@@ -393,28 +475,10 @@ class ShardWriter:
         if self.resume.complete:
             return Manifest.from_json(self.store.get_json(self._key(MANIFEST)))
         self.flush()
-        if not self._entries:
-            raise ValueError(
-                f"no activations were written under {self.prefix}; add documents before finish()"
-            )
-        shards = tuple(sorted(self._entries, key=lambda e: e.index))
-        manifest = Manifest(
-            d_model=shards[0].d_model,
-            dtype=str(self.dtype).removeprefix("torch."),
-            n_tokens=sum(e.n_tokens for e in shards),
-            n_docs=len(self._done),
-            shards=shards,
-            metadata=dict(metadata or {}),
-        )
-        if not self.store.put_json(self._key(MANIFEST), manifest.to_json(), if_absent=True):
-            existing = Manifest.from_json(self.store.get_json(self._key(MANIFEST)))
-            if existing.shards != manifest.shards:
-                raise StorageError(
-                    f"{self.store.url}/{self.prefix}/{MANIFEST} was written by another writer with "
-                    "other shards; only one writer may work on a prefix at a time"
-                )
-            return existing
-        return manifest
+        return write_manifest(self.store, self.prefix, self._entries, dtype=self.dtype, metadata=metadata)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
 
 
 class ShardReader:
