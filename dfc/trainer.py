@@ -16,6 +16,7 @@ from torch import Tensor
 
 from dfc.config import CrosscoderConfig
 from dfc.crosscoder import Crosscoder, EncoderScores
+from dfc.distributed import SingleProcess
 from dfc.train_config import StepMetrics, TrainConfig, TrainResult
 
 __all__ = [
@@ -70,9 +71,11 @@ def _check_batch(x_a: Tensor, x_b: Tensor, config: CrosscoderConfig, index: int)
 class Trainer:
     """Owns the optimiser and the training state of one crosscoder; :meth:`step` does one update."""
 
-    def __init__(self, model: Crosscoder, config: TrainConfig) -> None:
+    def __init__(self, model: Crosscoder, config: TrainConfig, parallel: SingleProcess | None = None) -> None:
         self.model = model
         self.config = config.resolved(model.config)
+        # Where batch statistics are taken: this process, or over every data-parallel worker (dfc/distributed.py).
+        self.parallel = parallel or SingleProcess()
         self.device = torch.device(self.config.device)
         self.model.to(self.device)
         self.optimizer = make_adam(self.model.parameters(), self.config.lr, self.device)
@@ -114,19 +117,24 @@ class Trainer:
         self.initialised = True
 
     def _normalised_inliers(self, x_a: Tensor, x_b: Tensor) -> tuple[Tensor, Tensor]:
+        """A whole batch, normalised, without its outlier tokens."""
+        x_a, x_b, _ = self._inliers(x_a, x_b, SingleProcess())
+        return x_a, x_b
+
+    def _inliers(self, x_a: Tensor, x_b: Tensor, batch: SingleProcess) -> tuple[Tensor, Tensor, int]:
+        """This worker's normalised inlier tokens, and how many inliers the whole batch has."""
         x_a, x_b = self.model.normalize(x_a.to(self.device).float(), x_b.to(self.device).float())
-        norm_a, norm_b = x_a.norm(dim=1), x_b.norm(dim=1)
-        factor = self.config.outlier_factor
-        keep = (norm_a <= factor * norm_a.median()) & (norm_b <= factor * norm_b.median())
-        return x_a[keep], x_b[keep]
+        keep, n = batch.inliers(x_a.norm(dim=1), x_b.norm(dim=1), self.config.outlier_factor)
+        return x_a[keep], x_b[keep], n
 
     def step(self, x_a: Tensor, x_b: Tensor) -> StepMetrics:
-        """One optimiser step on a raw paired batch."""
+        """One optimiser step on a raw paired batch (this worker's rows of it, when data-parallel)."""
         _check_batch(x_a, x_b, self.model.config, self.step_count)
+        batch = self.parallel
         if not self.initialised:
-            self.initialise(x_a, x_b)
+            self.initialise(batch.whole(x_a), batch.whole(x_b))
         c, model = self.config, self.model
-        x_a, x_b = self._normalised_inliers(x_a, x_b)
+        x_a, x_b, n = self._inliers(x_a, x_b, batch)
         step, k = self.step_count, self.k_at(self.step_count)
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
@@ -134,41 +142,50 @@ class Trainer:
 
         compute_dtype = torch.bfloat16 if c.bf16 else None
         scores = model.scores(x_a, x_b, compute_dtype)
-        rows, cols, mins = model.select(scores, k)
+        rows, cols, mins = batch.select(model, scores, k, n)
         features = model.gather(scores, rows, cols, x_a, x_b)
         recon_a, recon_b = model.decode(features)
-        loss_a = (x_a - recon_a).pow(2).sum(-1).mean()
-        loss_b = (x_b - recon_b).pow(2).sum(-1).mean()
+        loss_a = batch.mean((x_a - recon_a).pow(2).sum(-1), n)
+        loss_b = batch.mean((x_b - recon_b).pow(2).sum(-1), n)
+        res_a, res_b = x_a - recon_a.detach(), x_b - recon_b.detach()
+        # Over the whole batch: the residuals' spread normalises AuxK, the inputs' spread is FVU's denominator.
+        spread = [v.clamp_min(1e-12) for v in batch.centred_squares([res_a, res_b, x_a, x_b], n)]
         dead = self.tokens_since_fired >= c.dead_after_tokens
-        aux = self._aux_loss(scores, dead, x_a, x_b, x_a - recon_a.detach(), x_b - recon_b.detach())
+        aux = self._aux_loss(scores, dead, x_a, x_b, (res_a, res_b), (spread[0], spread[1]))
         loss = loss_a + loss_b + c.aux_alpha * aux
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        batch.reduce_gradients(list(model.parameters()))
         torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
         self.optimizer.step()
 
-        n = x_a.shape[0]
-        fired = torch.zeros_like(dead)
-        fired[cols] = True
+        with torch.no_grad():
+            # One reduction for the fired features and the step's metrics.
+            n_features = model.config.n_features
+            fired = torch.zeros(n_features, device=self.device)
+            fired[cols] = 1.0
+            stats = torch.stack([
+                (x_a - recon_a).pow(2).sum(), (x_b - recon_b).pow(2).sum(), loss_a, loss_b, aux,
+                torch.tensor(float(cols.numel()), device=self.device),
+            ])  # fmt: skip
+            totals = batch.sum_(torch.cat([fired, stats.to(fired.dtype)]))
+            sse_a, sse_b, total_a, total_b, total_aux, active = totals[n_features:].unbind()
         self.tokens_since_fired += n
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired[totals[:n_features] > 0] = 0
         if step >= c.threshold_start_step:
             self._update_thresholds(mins)
         self.step_count += 1
         self.tokens_seen += n
-        with torch.no_grad():
-            fvu_a = float((x_a - recon_a).pow(2).sum() / (x_a - x_a.mean(0)).pow(2).sum().clamp_min(1e-12))
-            fvu_b = float((x_b - recon_b).pow(2).sum() / (x_b - x_b.mean(0)).pow(2).sum().clamp_min(1e-12))
         return StepMetrics(
             step=step,
-            loss=float(loss.detach()),
-            loss_a=float(loss_a.detach()),
-            loss_b=float(loss_b.detach()),
-            aux_loss=float(aux.detach()),
-            fvu_a=fvu_a,
-            fvu_b=fvu_b,
-            l0=features.l0,
+            loss=float(total_a + total_b + c.aux_alpha * total_aux),
+            loss_a=float(total_a),
+            loss_b=float(total_b),
+            aux_loss=float(total_aux),
+            fvu_a=float(sse_a / spread[2]),
+            fvu_b=float(sse_b / spread[3]),
+            l0=float(active) / max(n, 1),
             k=k,
             lr=lr,
             dead_fraction=float(dead.float().mean()),
@@ -176,9 +193,18 @@ class Trainer:
         )
 
     def _aux_loss(
-        self, scores: EncoderScores, dead: Tensor, x_a: Tensor, x_b: Tensor, res_a: Tensor, res_b: Tensor
+        self,
+        scores: EncoderScores,
+        dead: Tensor,
+        x_a: Tensor,
+        x_b: Tensor,
+        residuals: tuple[Tensor, Tensor],
+        variances: tuple[Tensor, Tensor],
     ) -> Tensor:
-        """AuxK: the top dead features per token reconstruct the residual, without decoder bias."""
+        """AuxK: the top dead features per token reconstruct the residual, without decoder bias.
+
+        ``variances`` are the residuals' summed squared deviations over the whole batch.
+        """
         n_dead = int(dead.sum())
         pre = scores.scores
         if n_dead == 0:
@@ -195,8 +221,7 @@ class Trainer:
         aux_features = self.model.gather(scores, rows, cols, x_a, x_b)
         aux_a, aux_b = self.model.decode(aux_features, with_bias=False)
         loss = torch.zeros((), device=pre.device)
-        for res, rec in ((res_a, aux_a), (res_b, aux_b)):
-            variance = (res - res.mean(0)).pow(2).sum().clamp_min(1e-12)
+        for res, rec, variance in zip(residuals, (aux_a, aux_b), variances, strict=True):
             loss = loss + (res - rec).pow(2).sum() / variance
         return loss
 
@@ -266,6 +291,7 @@ def train(
     skip_consumed: bool = True,
     on_step: Callable[[StepMetrics], None] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    parallel: SingleProcess | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``config.steps`` steps on ``batches``.
 
@@ -273,14 +299,20 @@ def train(
     and at the end; with ``resume`` it continues from one found there. ``batches`` must then
     replay the same sequence from the start: the trainer skips the batches it already trained on
     (``skip_consumed=False`` if the iterator itself resumes at the right place).
+
+    Data-parallel (``parallel`` a :class:`~dfc.distributed.DataParallel`): ``batches`` yields this worker's rows
+    of each global batch, every worker resumes from its own copy of the same checkpoint, and only rank 0 writes
+    checkpoints (and calls ``on_checkpoint``).
     """
     if config.steps <= 0:
         raise ValueError(f"steps must be positive, got {config.steps}")
-    trainer = Trainer(model, config)
+    trainer = Trainer(model, config, parallel)
     checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    writes = trainer.parallel.is_writer
     if checkpoint is not None and resume and (checkpoint / "trainer.json").is_file():
         trainer.load_checkpoint(checkpoint)
         log.info("resumed from %s at step %d", checkpoint, trainer.step_count)
+    trainer.parallel.agree(trainer.step_count, "the step to resume from")
     iterator: Iterator[PairedBatch] = iter(batches)
     if skip_consumed and trainer.step_count:
         skipped = sum(1 for _ in islice(iterator, trainer.step_count))
@@ -295,7 +327,7 @@ def train(
         history.append(metrics)
         if on_step is not None:
             on_step(metrics)
-        if trainer.config.log_every and metrics.step % trainer.config.log_every == 0:
+        if writes and trainer.config.log_every and metrics.step % trainer.config.log_every == 0:
             log.info(
                 "step %d loss %.4g fvu %.3f/%.3f l0 %.1f dead %.3f",
                 metrics.step,
@@ -306,7 +338,10 @@ def train(
                 metrics.dead_fraction,
             )
         every = trainer.config.checkpoint_every
-        if checkpoint is not None and every and trainer.step_count % every == 0 and trainer.step_count < config.steps:
+        if (
+            writes and checkpoint is not None and every
+            and trainer.step_count % every == 0 and trainer.step_count < config.steps
+        ):  # fmt: skip
             trainer.save_checkpoint(checkpoint)
             if on_checkpoint is not None:
                 on_checkpoint(checkpoint)
@@ -314,7 +349,7 @@ def train(
         raise ValueError("the batch iterator yielded no batches; nothing to train on")
     if trainer.step_count < config.steps:
         log.warning("data ran out after %d of %d steps", trainer.step_count, config.steps)
-    if checkpoint is not None:
+    if writes and checkpoint is not None:
         trainer.save_checkpoint(checkpoint)
         if on_checkpoint is not None:
             on_checkpoint(checkpoint)
