@@ -66,14 +66,38 @@ def revision_problem(value: str) -> str | None:
     return None
 
 
-class Resources(_Strict):
-    """What one model's extraction actor reserves on the Ray cluster."""
+MAX_REPLICAS = 1024
+"""Most extraction replicas of one model: far beyond any cluster's GPUs, so a larger number is a typo."""
 
-    num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs for this model's actor (fractions allowed).")
-    num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs for this model's actor.")
+
+class Resources(_Strict):
+    """What each of one model's extraction actors (replicas) reserves on the Ray cluster, and how many there are."""
+
+    num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs for each of this model's actors (fractions allowed).")
+    num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs for each of this model's actors.")
     max_memory: dict[str, str] | None = Field(
         None, description='accelerate max_memory per device, e.g. {"0": "70GiB", "cpu": "200GiB"}.'
     )
+    replicas: Annotated[int, Field(ge=1, le=MAX_REPLICAS)] | Literal["auto"] = Field(
+        1,
+        description=(
+            "Data-parallel extraction: actors of this model, each holding the model (a full copy, or sharded by "
+            "device_map across its num_gpus) and extracting its own blocks of documents. \"auto\": as many as the "
+            "cluster's free GPUs allow at num_gpus each (with num_gpus 0 or on a cluster without GPUs: its free "
+            "CPUs at num_cpus each), shared with the other model if it asks for \"auto\" too, and at most one per "
+            "shard. The stored shards are the same for any number."
+        ),
+    )
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _valid_replicas(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_REPLICAS):
+            return value
+        raise ValueError(
+            f"replicas {value!r} is neither a whole number from 1 to {MAX_REPLICAS} nor \"auto\"; give the number "
+            "of extraction actors for this model, or \"auto\" for as many as the cluster's free GPUs allow"
+        )
 
 
 class ModelRef(_Strict):
@@ -122,6 +146,10 @@ class CrosscoderSpec(_Strict):
     b_only: float = Field(0.05, ge=0, lt=0.5, description="DFC: share of the dictionary exclusive to model B.")
 
 
+MAX_TRAINING_WORKERS = 256
+"""Most data-parallel workers of one crosscoder: past a cluster's GPUs, so a larger number is a typo."""
+
+
 class TrainingSpec(_Strict):
     """How to train the crosscoder (SCIENCE.md §4)."""
 
@@ -149,7 +177,18 @@ class TrainingSpec(_Strict):
     checkpoint_every: int = Field(
         1000, ge=0, le=10_000_000, description="Steps between checkpoints in storage (0: only at the end)."
     )
-    num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs for each training actor (one actor per seed).")
+    num_gpus: float = Field(
+        0.0, ge=0, le=16, description="GPUs for each training actor (each worker of each seed's crosscoder)."
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=MAX_TRAINING_WORKERS,
+        description="Data-parallel workers per crosscoder: each trains on rows r::workers of every batch (batch_size "
+        "is the global batch, a multiple of workers), gradients and batch statistics are all-reduced (gloo on CPU, "
+        "NCCL on GPU) and the result is one worker's, up to float rounding. A seed's run takes workers × (1 CPU, "
+        "num_gpus); as many seeds train at once as the cluster holds.",
+    )
     seeds: int = Field(
         3,
         ge=1,
@@ -164,6 +203,21 @@ class TrainingSpec(_Strict):
         description="Decoder cosine at or above which features of two seeds count as one (the chance level of a "
         "match at the models' widths, measured per audit, is a floor under it).",
     )
+
+
+    @model_validator(mode="after")
+    def _workers_share_the_batch(self) -> TrainingSpec:
+        if self.batch_size % self.workers:
+            raise ValueError(
+                f"training.batch_size {self.batch_size} does not split evenly over training.workers {self.workers}; "
+                "make the batch size (the global batch) a multiple of the number of workers"
+            )
+        if self.workers > 1 and self.num_gpus and self.num_gpus != int(self.num_gpus):
+            raise ValueError(
+                f"training.num_gpus {self.num_gpus} with training.workers {self.workers}: NCCL needs a whole GPU per "
+                "worker (two workers on one GPU cannot form a group); give num_gpus 1 (or more), or 0 for CPU"
+            )
+        return self
 
 
 class TransferSpec(_Strict):

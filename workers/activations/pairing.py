@@ -236,6 +236,10 @@ class PairedActivations:
     its pairs point into (a small LRU cache), gathers the paired rows and feeds a shuffle buffer
     that emits full batches. A background thread prefetches the next units. Iterating again
     replays the same sequence, which is what the trainer's resume relies on.
+
+    Data-parallel training gives each of ``workers`` readers its ``worker`` index: each then yields rows
+    ``worker::workers`` of the batches one reader yields, so the data order does not depend on the number of
+    workers (each reader still reads every shard).
     """
 
     def __init__(
@@ -252,9 +256,17 @@ class PairedActivations:
         epochs: int | None = None,
         verify: bool = True,
         b_cache_shards: int = 3,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= worker < workers or batch_size % workers:
+            raise ValueError(
+                f"worker {worker} of {workers} cannot take an equal share of batches of {batch_size}; "
+                "the batch size must be a multiple of the number of workers"
+            )
+        self.worker, self.workers = worker, workers
         self.index = ShardedPairs(store, prefix_a, prefix_b, *load_pairs(store, pairs_key), verify=verify,
                                   b_cache_shards=b_cache_shards)  # fmt: skip
         self.batch_size, self.shuffle_buffer = batch_size, max(shuffle_buffer, batch_size)
@@ -323,6 +335,14 @@ class PairedActivations:
             stop.set()
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self._batches(slice(self.worker, None, self.workers))
+
+    def global_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The whole batches, every worker's rows (what one worker trains on)."""
+        return self._batches(slice(None))
+
+    def _batches(self, rows: slice) -> Iterator[tuple[Tensor, Tensor]]:
+        """``rows`` of every batch."""
         g = torch.Generator().manual_seed(self.seed + 1_000_003)
         buf_a: list[Tensor] = []
         buf_b: list[Tensor] = []
@@ -337,7 +357,7 @@ class PairedActivations:
             perm = torch.randperm(held, generator=g)
             n_out = (held - self.shuffle_buffer // 2) // self.batch_size * self.batch_size
             for s in range(0, n_out, self.batch_size):
-                idx = perm[s : s + self.batch_size]
+                idx = perm[s : s + self.batch_size][rows]
                 yield all_a[idx].float(), all_b[idx].float()
             rest = perm[n_out:]
             buf_a, buf_b, held = [all_a[rest]], [all_b[rest]], int(rest.numel())
@@ -345,7 +365,7 @@ class PairedActivations:
             all_a, all_b = torch.cat(buf_a), torch.cat(buf_b)
             perm = torch.randperm(held, generator=g)
             for s in range(0, held - self.batch_size + 1, self.batch_size):
-                idx = perm[s : s + self.batch_size]
+                idx = perm[s : s + self.batch_size][rows]
                 yield all_a[idx].float(), all_b[idx].float()
 
 

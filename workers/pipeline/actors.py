@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -20,11 +20,24 @@ import torch
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from dfc.distributed import free_port, process_group
 from dfc.trainer import StepMetrics
-from workers.activations.corpus import iter_documents, render_for_model
-from workers.activations.extract import ExtractionProgress, ExtractionRequest, extract, resolve_key
-from workers.activations.loading import _load_tokenizer
+from workers.activations.extract import (
+    DocumentCursor,
+    ExtractionKey,
+    ExtractionPlan,
+    ExtractionRequest,
+    document_token_counts,
+    extract_block,
+    finish_extraction,
+    load_for_extraction,
+    load_tokenizer,
+    resolve_key,
+)
+from workers.activations.loading import LoadedModel
 from workers.activations.pairing import align_activations, stored_texts
+from workers.activations.plan import Block
+from workers.activations.shards import ShardEntry
 from workers.pipeline.training import TrainingJob, run_training, split_pairs
 from workers.storage import open_store
 
@@ -106,69 +119,101 @@ class _Worker:
         return dict(self.latest)
 
 
-def budget_documents(request: ExtractionRequest, chunk: int = 256) -> int:
+def budget_documents(request: ExtractionRequest) -> int:
     """How many of the corpus' first documents hold ``request.max_tokens`` tokens of this model (at least one).
 
     Both models must read the same documents for their tokens to be paired, but a token budget applied by each
     model's own tokenizer stops them at different documents; the reference model's count fixes one document
-    budget for both. Only the tokenizer is loaded, and documents are counted as truncated to ``max_length``.
+    budget for both. Only the tokenizer is loaded, and documents are counted as extraction stores them
+    (truncated to ``max_length``).
     """
     key = resolve_key(request)  # a missing model or a disallowed remote-code one fails here, before the weights
-    tokenizer = _load_tokenizer(key.model_id, key.load_revision, None, key.model_id in request.trusted)
-    budget, total, n_docs = request.max_tokens, 0, 0
-    texts: list[str] = []
+    counts = document_token_counts(request, load_tokenizer(request, key))
+    total, n_docs = 0, 0
+    with contextlib.closing(counts):
+        for n in counts:
+            total, n_docs = total + n, n_docs + 1
+            if request.max_tokens is not None and total >= request.max_tokens:
+                break
+    return max(1, n_docs)
 
-    def count(batch: list[str]) -> int | None:
-        nonlocal total, n_docs
-        for ids in tokenizer(batch)["input_ids"]:
-            total, n_docs = total + min(len(ids), request.max_length), n_docs + 1
-            if budget is not None and total >= budget:
-                return n_docs
-        return None
 
-    for doc in iter_documents(request.corpus):
-        texts.append(render_for_model(doc, tokenizer, chat_format=request.corpus.chat_format))
-        if len(texts) == chunk:
-            if (done := count(texts)) is not None:
-                return done
-            texts = []
-    return count(texts) or max(1, n_docs)
+def extraction_summary(key: ExtractionKey, shards: Sequence[ShardEntry]) -> dict[str, Any]:
+    """What the extract manifest records about one model's finished activations."""
+    return {
+        "prefix": key.prefix,
+        "model_id": key.model_id,
+        "revision": key.revision,
+        "layer_index": key.layer_index,
+        "d_model": shards[0].d_model,
+        "n_tokens": sum(e.n_tokens for e in shards),
+        "n_docs": len(frozenset().union(*(e.doc_ids for e in shards))),
+        "n_shards": len(shards),
+    }
 
 
 class ExtractionWorker(_Worker):
-    """Extracts one model's activations into storage (one actor per model, on that model's resources)."""
+    """One replica of a model's extraction: loads the model once, then extracts the blocks the driver hands it.
 
-    def budget_documents(self, request: ExtractionRequest) -> int:
-        """See :func:`budget_documents`."""
-        return budget_documents(request)
+    Blocks come one call at a time, so a replica that dies leaves at most one block unfinished; Ray restarts it
+    and retries that call, or the driver gives the block to another replica. A committed block is never redone.
+    """
 
-    def run(self, request: ExtractionRequest) -> dict[str, Any]:
-        """Extract (or find cached, or resume) and return the summary the extract manifest records."""
+    def __init__(self, store_url: str, store_settings: Mapping[str, Any], num_cpus: float) -> None:
+        super().__init__(store_url, store_settings, num_cpus)
+        self._loaded: tuple[str, LoadedModel] | None = None
+        self._documents: tuple[str, DocumentCursor] | None = None
+        self._first_call = True
 
-        def on_progress(p: ExtractionProgress) -> None:
-            self.latest = {"tokens": p.tokens_done, "docs": p.docs_done, "shards": p.shards_done}
+    def _model(self, request: ExtractionRequest, key: ExtractionKey) -> LoadedModel:
+        if self._loaded is None or self._loaded[0] != key.prefix:
+            self._loaded = None  # free the old model before loading another
+            self._loaded = (key.prefix, load_for_extraction(request, key))
+        return self._loaded[1]
 
-        result = extract(request, self.store, progress=on_progress)
-        manifest = result.manifest
-        return {
-            "prefix": result.prefix,
-            "model_id": result.key.model_id,
-            "revision": result.key.revision,
-            "layer_index": result.key.layer_index,
-            "d_model": manifest.d_model,
-            "n_tokens": manifest.n_tokens,
-            "n_docs": manifest.n_docs,
-            "n_shards": len(manifest.shards),
-            "cached": result.cached,
-            "resumed_shards": result.resumed_shards,
-        }
+    def _cursor(self, request: ExtractionRequest, key: ExtractionKey) -> DocumentCursor:
+        if self._documents is None or self._documents[0] != key.prefix:
+            if self._documents is not None:
+                self._documents[1].close()
+            self._documents = (key.prefix, DocumentCursor(request.corpus))
+        return self._documents[1]
+
+    def _kept_after_restart(self, prefix: str) -> int | None:
+        """On a restarted replica's first call: how many shards were committed (and are kept) when it came back."""
+        first, self._first_call = self._first_call, False
+        context = ray.get_runtime_context()
+        if not first or context.get_actor_id() is None or not context.was_current_actor_reconstructed:
+            return None
+        return sum(1 for key in self.store.list(f"{prefix}/shard-") if key.endswith(".json"))
+
+    def extract_block(self, request: ExtractionRequest, key: ExtractionKey, block: Block) -> dict[str, Any]:
+        """Extract one planned block into shard ``block.index`` (or find it committed) and say what it holds."""
+        kept = self._kept_after_restart(key.prefix)
+        entry = extract_block(request, key, block, self._model(request, key), self.store,
+                              documents=self._cursor(request, key))  # fmt: skip
+        self.latest = {"shard": entry.index, "tokens": entry.n_tokens}
+        return {"index": entry.index, "n_tokens": entry.n_tokens, "kept_after_restart": kept}
+
+    def finish(self, request: ExtractionRequest, plan: ExtractionPlan) -> dict[str, Any]:
+        """Write the manifest once every block is committed, and return the summary the extract manifest records."""
+        kept = self._kept_after_restart(plan.key.prefix)
+        manifest = finish_extraction(request, plan, self._model(request, plan.key), self.store)
+        return {**extraction_summary(plan.key, manifest.shards), "kept_after_restart": kept}
 
 
 class TrainingWorker(_Worker):
-    """Trains the crosscoder from stored paired activations, checkpointing to storage."""
+    """Trains a crosscoder from stored paired activations, checkpointing to storage: alone, or as one data-parallel
+    worker of a run whose rank 0 the driver asked for a :meth:`rendezvous` address."""
 
-    def run(self, job: TrainingJob) -> dict[str, Any]:
-        """Train (resuming from the stored checkpoint) and return the outcome the train manifest records."""
+    def rendezvous(self) -> str:
+        """``host:port`` on this actor's node where this worker, as rank 0, will gather the run's workers."""
+        return f"{ray.util.get_node_ip_address()}:{free_port()}"
+
+    def run(
+        self, job: TrainingJob, rank: int = 0, workers: int = 1, address: str | None = None
+    ) -> dict[str, Any] | None:
+        """Train (resuming from the stored checkpoint) and return the outcome the train manifest records (rank 0;
+        the other workers of a data-parallel run return ``None``)."""
 
         def on_step(m: StepMetrics) -> None:
             self.latest = {
@@ -180,7 +225,24 @@ class TrainingWorker(_Worker):
                 "dead_fraction": m.dead_fraction,
             }
 
-        return run_training(job, self.store, progress=on_step).to_dict()
+        if workers == 1:
+            outcome = run_training(job, self.store, progress=on_step)
+            return outcome.to_dict() if outcome is not None else None
+        if address is None:
+            raise ValueError("a data-parallel training worker needs rank 0's rendezvous address")
+        # A dead peer surfaces here as the backend's error ("Connection closed by peer …" from gloo).
+        with process_group(address, rank, workers, job.train.device) as parallel:
+            outcome = run_training(job, self.store, progress=on_step, parallel=parallel)
+        return outcome.to_dict() if outcome is not None else None
+
+
+def gang_options(workers: int) -> dict[str, Any]:
+    """Ray options of the actors of a training run of ``workers`` data-parallel workers.
+
+    A worker that Ray restarted alone could not rejoin its group, so data-parallel workers are never restarted
+    one by one: the run fails as a whole, and a rerun resumes it from its stored checkpoint.
+    """
+    return {} if workers == 1 else {"max_restarts": 0, "max_task_retries": 0}
 
 
 # max_concurrency=2: `progress()` is answered on a second thread while `run()` works on the first.

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
+import ray
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dfc.config import CrosscoderConfig
 from dfc.trainer import TrainConfig
 from workers.activations.extract import ExtractionRequest
-from workers.pipeline import actors
+from workers.pipeline import actors, replicas
 from workers.pipeline.context import AuditCancelled, StageContext
 from workers.pipeline.training import TrainingJob, outcome_key
 from workers.spec import AuditSpec, ModelRef
@@ -50,45 +52,59 @@ def _bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:
 
 
 def extract_stage(ctx: StageContext) -> dict[str, Any]:
-    """Both models' activations, extracted in parallel by one actor per model, reserved together."""
+    """Both models' activations, each extracted by its replicas (``resources.replicas``) working through its planned
+    shard blocks, all replicas of both models reserved together (see ``workers/pipeline/replicas.py``)."""
     spec = ctx.spec
     models = {"a": spec.model_a, "b": spec.model_b}
+    labels = {side: f"extracting model {side.upper()} ({m.id})" for side, m in models.items()}
+    requests = {side: _extraction_request(spec, m) for side, m in models.items()}
+    free = ray.available_resources()  # for "auto" replicas; taken before this stage's own tasks hold any
+    # One document budget for both models (see actors.budget_documents), then each model's shard plan.
+    n_docs = _wait_tasks({"a": replicas.budget_task.remote(requests["a"])}, labels, ctx)["a"]
+    corpus = dataclasses.replace(spec.corpus, max_docs=n_docs)
+    requests = {side: dataclasses.replace(r, corpus=corpus, max_tokens=None) for side, r in requests.items()}
+    plans = _wait_tasks(
+        {side: replicas.plan_task.remote(ctx.store_url, ctx.store_settings, r) for side, r in requests.items()},
+        labels,
+        ctx,
+    )
+    results = {side: replicas.cached_summary(plan) for side, plan in plans.items() if plan.complete}
+    todo = {side: models[side].resources for side, plan in plans.items() if not plan.complete}
+    counts = replicas.replica_counts(todo, {side: len(plans[side].pending) for side in todo}, free)
+    slots = [(side, r) for side in todo for r in range(counts[side])]  # one placement bundle each
+    # A cached model starts no replica but still reserves one, as before replicas: whether a spec fits the cluster
+    # must not depend on whether another audit filled the cache.
+    cached = [models[side].resources for side in results]
     group = actors.reserve(
-        [_bundle(m.resources.num_cpus, m.resources.num_gpus) for m in models.values()],
-        what="the two extraction actors",
+        [replicas.replica_bundle(todo[side]) for side, _ in slots] + [replicas.replica_bundle(r) for r in cached],
+        what=" and ".join(f"{counts.get(s, 1)} extraction replica(s) of model {s.upper()}" for s in models),
         timeout_s=PLACEMENT_TIMEOUT_S,
         check_cancelled=ctx.check_cancelled,
         fail_fast=actors.started_local_ray(),
     )
     workers: dict[str, Any] = {}
     try:
-        for index, (side, model) in enumerate(models.items()):
-            workers[side] = actors.ExtractionActor.options(
-                name=actors.actor_name(ctx.audit_id, f"extract-{side}", ctx.attempt),
-                num_cpus=model.resources.num_cpus,
-                num_gpus=model.resources.num_gpus,
+        handles: dict[str, list[Any]] = {side: [] for side in todo}
+        for index, (side, r) in enumerate(slots):
+            role = f"extract-{side}" if r == 0 else f"extract-{side}-{r}"  # replica 0 keeps the one-actor name
+            workers[role] = actors.ExtractionActor.options(
+                name=actors.actor_name(ctx.audit_id, role, ctx.attempt),
+                num_cpus=todo[side].num_cpus,
+                num_gpus=todo[side].num_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
-            ).remote(ctx.store_url, ctx.store_settings, model.resources.num_cpus)
-        labels = {side: f"extracting model {side.upper()} ({m.id})" for side, m in models.items()}
-        # One document budget for both models (see actors.budget_documents), then both extract in parallel.
-        requests = {side: _extraction_request(spec, m) for side, m in models.items()}
-        n_docs = actors.wait_all(
-            {"a": workers["a"].budget_documents.remote(requests["a"])},
-            labels=labels,
-            check_cancelled=ctx.check_cancelled,
-        )["a"]
-        corpus = dataclasses.replace(spec.corpus, max_docs=n_docs)
-        requests = {side: dataclasses.replace(r, corpus=corpus, max_tokens=None) for side, r in requests.items()}
-        calls = {side: workers[side].run.remote(request) for side, request in requests.items()}
+            ).remote(ctx.store_url, ctx.store_settings, todo[side].num_cpus)
+            handles[side].append(workers[role])
+        sets = {side: replicas.ReplicaSet(labels[side], requests[side], plans[side], handles[side]) for side in todo}
+        tokens = {side: float(results[side]["n_tokens"]) for side in results}
 
-        def on_progress(latest: dict[str, dict[str, float]]) -> None:
-            tokens = {side: latest.get(side, {}).get("tokens", 0.0) for side in models}
-            done = sum(min(1.0, n / spec.token_budget) for n in tokens.values()) / len(models)
-            ctx.report_progress(done, tokens_extracted_a=tokens["a"], tokens_extracted_b=tokens["b"])
+        def on_progress(sets: Mapping[str, replicas.ReplicaSet]) -> None:
+            tokens.update({side: float(s.tokens) for side, s in sets.items()})
+            done = sum(min(1.0, s.tokens / max(1, s.total_tokens)) for s in sets.values()) + len(results)
+            ctx.report_progress(done / len(models), tokens_extracted_a=tokens["a"], tokens_extracted_b=tokens["b"])
 
-        results = actors.wait_all(
-            calls, labels=labels, check_cancelled=ctx.check_cancelled, actors=workers, on_progress=on_progress
-        )
+        if sets:
+            on_progress(sets)
+            results.update(replicas.run_replicas(sets, check_cancelled=ctx.check_cancelled, on_progress=on_progress))
     finally:
         actors.stop(workers)
         remove_placement_group(group)
@@ -102,6 +118,15 @@ def extract_stage(ctx: StageContext) -> dict[str, Any]:
         "token_budget": spec.token_budget,
         "max_length": spec.max_length,
     }
+
+
+def _wait_tasks(refs: dict[str, Any], labels: dict[str, str], ctx: StageContext) -> dict[str, Any]:
+    """Wait for the extract stage's CPU tasks (budget, plans); cancelling the audit cancels them."""
+    try:
+        return actors.wait_all(refs, labels=labels, check_cancelled=ctx.check_cancelled)
+    except AuditCancelled:
+        actors.stop({}, refs)
+        raise
 
 
 def align_stage(ctx: StageContext) -> dict[str, Any]:
@@ -131,18 +156,53 @@ def run_prefix(ctx: StageContext, run: int) -> str:
     return ctx.key("crosscoder") if ctx.spec.training.seeds == 1 else ctx.key(f"crosscoder/seed-{run}")
 
 
-def _parallel_runs(num_gpus: float, wanted: int) -> int:
-    """How many training actors the cluster can hold at once (one CPU, and ``num_gpus``, each)."""
+def _parallel_runs(num_gpus: float, workers: int, wanted: int) -> int:
+    """How many crosscoder runs the cluster can hold at once: each takes ``workers`` bundles of one CPU and
+    ``num_gpus`` (the seed ensemble and data parallelism share this one placement)."""
     total = actors.cluster_totals()
-    fit = int(total.get("CPU", 1.0) // 1.0)
+    fit = int(total.get("CPU", 1.0) // workers)
     if num_gpus > 0:
-        fit = min(fit, int(total.get("GPU", 0.0) // num_gpus))
+        fit = min(fit, int(total.get("GPU", 0.0) // (num_gpus * workers)))
     return max(1, min(wanted, fit))
 
 
+def _worker_role(slot: int, rank: int) -> str:
+    """A training actor's role: ``train-{slot}`` for a run's rank 0 (the one-worker name), ``train-{slot}-{rank}``."""
+    return f"train-{slot}" if rank == 0 else f"train-{slot}-{rank}"
+
+
+def _training_calls(
+    ctx: StageContext, workers: Mapping[str, Any], jobs: list[TrainingJob], wave: list[int], n_workers: int
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Start the runs of one wave (run ``wave[slot]`` on slot ``slot``'s workers); return the calls and their labels.
+
+    A data-parallel run's workers meet at an address its rank 0 picks on its own node.
+    """
+    seed = ctx.spec.seed
+    calls: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    if n_workers == 1:
+        for slot, run in enumerate(wave):
+            calls[_worker_role(slot, 0)] = workers[_worker_role(slot, 0)].run.remote(jobs[run])
+            labels[_worker_role(slot, 0)] = f"training the crosscoder of seed {seed + run}"
+        return calls, labels
+    addresses = actors.wait_all(
+        {str(slot): workers[_worker_role(slot, 0)].rendezvous.remote() for slot in range(len(wave))},
+        labels={str(slot): f"starting the training workers of seed {seed + run}" for slot, run in enumerate(wave)},
+        check_cancelled=ctx.check_cancelled,
+    )
+    for slot, run in enumerate(wave):
+        for rank in range(n_workers):
+            role = _worker_role(slot, rank)
+            calls[role] = workers[role].run.remote(jobs[run], rank, n_workers, addresses[str(slot)])
+            labels[role] = f"training the crosscoder of seed {seed + run} (worker {rank} of {n_workers})"
+    return calls, labels
+
+
 def train_stage(ctx: StageContext) -> dict[str, Any]:
-    """Train ``training.seeds`` crosscoders on the same pairs, as many at once as the cluster holds (one actor each,
-    on ``training.num_gpus``), each checkpointing to and resuming from storage; finished seeds are kept on resume."""
+    """Train ``training.seeds`` crosscoders on the same pairs, as many at once as the cluster holds
+    (``training.workers`` data-parallel actors each, on ``training.num_gpus`` each), each checkpointing to and
+    resuming from storage; finished seeds are kept on resume."""
     spec, extracted, aligned = ctx.spec, ctx.outputs["extract"], ctx.outputs["align"]
     d_a, d_b = extracted["a"]["d_model"], extracted["b"]["d_model"]
     resolved = spec.resolve(d_a, d_b, aligned["n_train"])
@@ -191,11 +251,13 @@ def train_stage(ctx: StageContext) -> dict[str, Any]:
         if ctx.store.exists(outcome_key(job.out_prefix)):
             outcomes[run] = ctx.store.get_json(outcome_key(job.out_prefix))
     pending = [run for run in range(t.seeds) if run not in outcomes]
-    parallel = _parallel_runs(t.num_gpus, len(pending))
+    parallel = _parallel_runs(t.num_gpus, t.workers, len(pending))
+    slots = range(parallel if pending else 0)
+    runs_what = f"{parallel} training run{'s' if parallel > 1 else ''}"
     group = (
-        actors.reserve(
-            [_bundle(1.0, t.num_gpus)] * parallel,
-            what=f"{parallel} training actor{'s' if parallel > 1 else ''}",
+        actors.reserve(  # run `slot`'s worker `rank` takes bundle slot * workers + rank
+            [_bundle(1.0, t.num_gpus)] * (parallel * t.workers),
+            what=runs_what if t.workers == 1 else f"{runs_what} of {t.workers} data-parallel workers each",
             timeout_s=PLACEMENT_TIMEOUT_S,
             check_cancelled=ctx.check_cancelled,
             fail_fast=actors.started_local_ray(),
@@ -205,17 +267,22 @@ def train_stage(ctx: StageContext) -> dict[str, Any]:
     )
     workers: dict[str, Any] = {}
     try:
-        for slot in range(parallel if pending else 0):
-            workers[f"train-{slot}"] = actors.TrainingActor.options(
-                name=actors.actor_name(ctx.audit_id, f"train-{slot}", ctx.attempt),
-                num_cpus=1,
-                num_gpus=t.num_gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=slot),
-            ).remote(ctx.store_url, ctx.store_settings, 1)
+        for slot in slots:
+            for rank in range(t.workers):
+                role = _worker_role(slot, rank)
+                workers[role] = actors.TrainingActor.options(
+                    name=actors.actor_name(ctx.audit_id, role, ctx.attempt),
+                    num_cpus=1,
+                    num_gpus=t.num_gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        group, placement_group_bundle_index=slot * t.workers + rank
+                    ),
+                    **actors.gang_options(t.workers),
+                ).remote(ctx.store_url, ctx.store_settings, 1)
         total_steps = resolved.steps * t.seeds
-        for start in range(0, len(pending), parallel):  # waves of at most `parallel` seeds, one per actor
+        for start in range(0, len(pending), parallel):  # waves of at most `parallel` seeds, one run per slot
             wave = pending[start : start + parallel]
-            running = {f"train-{slot}": run for slot, run in enumerate(wave)}
+            running = {_worker_role(slot, 0): run for slot, run in enumerate(wave)}  # rank 0 reports progress
 
             def on_progress(latest: dict[str, dict[str, float]], running: dict[str, int] = running) -> None:
                 steps = {running[name]: step["step"] for name, step in latest.items() if step and name in running}
@@ -227,14 +294,15 @@ def train_stage(ctx: StageContext) -> dict[str, Any]:
                 ctx.report_progress(done / total_steps, training_step=min(steps.values()),
                                     training_seeds_done=len(outcomes), **counters)  # fmt: skip
 
+            calls, labels = _training_calls(ctx, workers, jobs, wave, t.workers)
             results = actors.wait_all(
-                {name: workers[name].run.remote(jobs[run]) for name, run in running.items()},
-                labels={name: f"training the crosscoder of seed {spec.seed + run}" for name, run in running.items()},
+                calls,
+                labels=labels,
                 check_cancelled=ctx.check_cancelled,
                 actors={name: workers[name] for name in running},
                 on_progress=on_progress,
             )
-            outcomes.update({running[name]: outcome for name, outcome in results.items()})
+            outcomes.update({running[name]: results[name] for name in running})
     finally:
         actors.stop(workers)
         if group is not None:
@@ -258,6 +326,7 @@ def train_stage(ctx: StageContext) -> dict[str, Any]:
         "n_b_only": model.n_b_only,
         "n_shared": model.n_shared,
         "batch_size": t.batch_size,
+        "workers": t.workers,
         "lr": t.lr,
         "device": recipe.device,
         **{k: v for k, v in first.items() if k != "run"},  # the first seed's outcome, as a one-seed audit records it

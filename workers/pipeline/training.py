@@ -1,8 +1,8 @@
 """The train stage's work: stream an audit's paired activations from storage into the DFC trainer, checkpoint to
 storage, resume from the last stored checkpoint, and store the final crosscoder with its held-out evaluation.
 
-Nothing here knows about Ray: the pipeline runs :func:`run_training` inside an actor, a notebook can call it
-directly with any :class:`ObjectStore`.
+Nothing here knows about Ray: the pipeline runs :func:`run_training` inside an actor (one per data-parallel worker,
+see ``dfc/distributed.py``), a notebook can call it directly with any :class:`ObjectStore`.
 
 Layout under ``out_prefix`` (``audits/{id}/crosscoder``): ``checkpoint/step-NNNNNNNN/…`` plus
 ``checkpoint/latest.json`` (the pointer, written after every file of the step, so a reader never sees half a
@@ -24,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 
 from dfc.config import CrosscoderConfig
 from dfc.crosscoder import Crosscoder
+from dfc.distributed import SingleProcess
 from dfc.metrics import evaluate
 from dfc.trainer import StepMetrics, TrainConfig, train
 from workers.activations.pairing import PairedActivations, load_pairs, median_norms
@@ -185,13 +186,21 @@ def run_training(
     store: ObjectStore,
     *,
     progress: Callable[[StepMetrics], None] | None = None,
-) -> TrainingOutcome:
-    """Train the job's crosscoder, resuming from the stored checkpoint, and store the final weights."""
-    scratch = Path(job.scratch_dir)
+    parallel: SingleProcess | None = None,
+) -> TrainingOutcome | None:
+    """Train the job's crosscoder, resuming from the stored checkpoint, and store the final weights.
+
+    Data-parallel (``parallel`` a :class:`~dfc.distributed.DataParallel`): every worker resumes from its own copy
+    of the stored checkpoint and reads its rows of each batch; rank 0 alone writes checkpoints, the final weights
+    and the outcome, and returns it (the other workers return ``None``).
+    """
+    parallel = parallel or SingleProcess()
+    # Workers of one run may share a node: each keeps its own copy of the checkpoint.
+    scratch = Path(job.scratch_dir if parallel.rank == 0 else f"{job.scratch_dir}.rank-{parallel.rank}")
     scratch.mkdir(parents=True, exist_ok=True)
     ckpt_prefix, final_prefix = f"{job.out_prefix}/checkpoint", f"{job.out_prefix}/final"
     resumed = download_checkpoint(store, ckpt_prefix, scratch / "ckpt")
-    if resumed:
+    if resumed and parallel.is_writer:
         log.info("resuming training from the stored checkpoint at step %d", resumed)
 
     pairs = PairedActivations(
@@ -203,9 +212,11 @@ def run_training(
         # The buffer holds about a quarter of the data on small corpora, so batches never straddle epochs much.
         shuffle_buffer=min(65536, max(4 * job.batch_size, job.n_train // 4)),
         seed=job.seed,
+        worker=parallel.rank,
+        workers=parallel.world_size,
     )
     model = Crosscoder(job.model)
-    with closing(iter(pairs)) as batches:
+    with closing(pairs.global_batches()) as batches:  # the whole batches: the same scales on every worker
         model.set_scales(*median_norms(batches, job.norm_batches))
 
     result = train(
@@ -215,7 +226,10 @@ def run_training(
         checkpoint_dir=scratch / "ckpt",
         on_step=progress,
         on_checkpoint=lambda path: upload_checkpoint(store, path, ckpt_prefix),
+        parallel=parallel,
     )
+    if not parallel.is_writer:
+        return None
     final_dir = scratch / "final"
     model.save_pretrained(final_dir)
     for path in sorted(final_dir.iterdir()):
