@@ -7,6 +7,12 @@ target is at least 0.8x of it. Each figure is the best of many interleaved repea
 machine noise only ever adds time; CPU-time speedups are reported as a cross-check. Prints a table and
 writes ``benchmarks/results/extract_speed.json``.
 Run: ``python benchmarks/extract_speed.py``.
+
+``--replicas 1,2`` measures instead the real extract stage (budget and plan tasks, placement group, replica actors
+loading the model, every block, the manifests) of two locally built models, once per replica count per model,
+on a local Ray instance of ``--ray-cpus`` CPUs; it checks that every run stored the same bytes and records
+``extraction_tokens_per_s`` (both models' tokens over the stage's wall time) by replica count in the same JSON,
+keeping the capture figures. On 2 CPU cores this shows equality and bookkeeping, not a speed-up.
 """
 
 from __future__ import annotations
@@ -83,6 +89,92 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, repea
     return {name: Timing(wall[name], cpu[name]) for name in fns}
 
 
+def _stored_bytes(root: Path) -> dict[str, bytes]:
+    base = root / "activations"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+
+
+def _write_results(update: dict[str, object]) -> None:
+    """Merge ``update`` into the results JSON, so the capture figures and the replica figures keep each other."""
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({**previous, **update}, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+def measure_replicas(args: argparse.Namespace) -> None:
+    """Time the extract stage with each replica count and record tokens/s by count (see the module docstring)."""
+    import ray
+
+    from workers.pipeline.run import run_audit
+    from workers.pipeline.status import AuditStore
+    from workers.spec import AuditSpec
+    from workers.storage import LocalStore
+
+    counts = [int(n) for n in args.replicas.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {
+            arch: build_tiny_model(arch, Path(tmp) / arch, hidden_size=args.hidden_size, n_layers=args.n_layers)
+            for arch in ("llama", "qwen3")
+        }
+        ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+        runs: dict[str, dict[str, object]] = {}
+        stored: dict[int, dict[str, bytes]] = {}
+        try:
+            for n in counts:
+                resources = {"num_cpus": args.replica_cpus, "replicas": n}
+                spec = AuditSpec.model_validate(
+                    {
+                        "model_a": {"id": str(models["llama"]), "resources": resources},
+                        "model_b": {"id": str(models["qwen3"]), "resources": resources},
+                        "corpus": {"kind": "builtin"},
+                        "token_budget": args.budget,
+                        "max_length": 256,
+                    }
+                )
+                root = Path(tmp) / f"bucket-{n}"
+                audit_id = AuditStore(LocalStore(root)).create(spec).id
+                status = run_audit(audit_id, str(root), stop_after="extract")
+                if status.error is not None:
+                    raise SystemExit(f"extraction with {n} replicas failed: {status.error.message}")
+                stage = LocalStore(root).get_json(f"audits/{audit_id}/stages/extract.json")
+                tokens = stage["a"]["n_tokens"] + stage["b"]["n_tokens"]
+                runs[str(n)] = {
+                    "seconds": stage["seconds"],
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / stage["seconds"],
+                    "shards": {side: stage[side]["n_shards"] for side in ("a", "b")},
+                    "blocks_per_replica": {side: stage[side]["blocks_per_replica"] for side in ("a", "b")},
+                }
+                stored[n] = _stored_bytes(root)
+                rate, blocks = tokens / stage["seconds"], runs[str(n)]["blocks_per_replica"]
+                print(f"{n} replica(s) per model: {tokens} tokens in {stage['seconds']:.1f} s = {rate:.0f} tokens/s; "
+                      f"blocks per replica {blocks}")  # fmt: skip
+        finally:
+            ray.shutdown()
+    same = all(files == stored[counts[0]] for files in stored.values())
+    print(f"every run stored the same bytes ({len(stored[counts[0]])} objects): {'yes' if same else 'NO'}")
+    if not same:
+        raise SystemExit("replica counts stored different bytes: that is a bug")
+    _write_results(
+        {
+            "extraction_tokens_per_s": {n: run["tokens_per_s"] for n, run in runs.items()},
+            "extraction_replicas": {
+                "what": "the extract stage of two models (llama and qwen3, built locally), wall time of the whole "
+                "stage (tasks, actor start, model load, every block, manifests), both models' tokens",
+                "model": {"hidden_size": args.hidden_size, "n_layers": args.n_layers},
+                "token_budget": args.budget,
+                "ray_cpus": args.ray_cpus,
+                "replica_cpus": args.replica_cpus,
+                "cpu_count": os.cpu_count(),
+                "load_average_1min": os.getloadavg()[0],
+                "same_bytes": same,
+                "runs": runs,
+            },
+        }
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 3, 5], help="hooked layers L")
@@ -92,7 +184,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--replicas", help="measure the extract stage with these replica counts instead, e.g. 1,2")
+    parser.add_argument("--budget", type=int, default=100_000, help="--replicas: token budget of the audit")
+    parser.add_argument("--ray-cpus", type=int, default=2, help="--replicas: CPUs of the local Ray instance")
+    parser.add_argument("--replica-cpus", type=float, default=0.5, help="--replicas: CPUs each replica reserves")
     args = parser.parse_args()
+    if args.replicas:
+        measure_replicas(args)
+        return
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -189,11 +288,9 @@ def main() -> None:
     passed = all(r.fraction_of_expected >= TARGET for r in rows)
     print(f"target: every method's speedup >= {TARGET}x of n_layers/(L+1) -> {'PASS' if passed else 'FAIL'}")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "extract_speed",
+    _write_results(
+        {
+            "benchmark": "extract_speed",
                 "model": {"arch": "llama", "hidden_size": args.hidden_size, "n_layers": args.n_layers},
                 "batch": {"rows": args.batch, "seq": args.seq, "tokens": n_tokens},
                 "threads": args.threads,
@@ -204,12 +301,8 @@ def main() -> None:
                 "target_fraction_of_expected": TARGET,
                 "passed": passed,
                 "rows": [asdict(r) for r in rows],
-            },
-            indent=2,
-        )
-        + "\n"
+        }
     )
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
