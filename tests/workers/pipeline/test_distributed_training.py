@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.workers.activations.test_pairing import paired_store  # noqa: F401 - a fixture
-from tests.workers.pipeline.test_pipeline import local_ray, make_spec, run_in_thread, wait_for  # noqa: F401
+from tests.workers.pipeline.test_pipeline import make_spec, run_in_thread, wait_for
 from workers.activations.pairing import PairedActivations
 from workers.pipeline.run import run_audit
 from workers.pipeline.status import AuditState, AuditStore
@@ -46,7 +46,7 @@ def test_a_batch_that_does_not_split_over_the_workers_is_refused_with_what_to_ch
 
 
 def test_a_data_parallel_run_cancelled_mid_run_resumes_on_every_worker_from_the_stored_checkpoint(
-    local_ray, tiny_models, tmp_path  # noqa: F811
+    local_ray, tiny_models, tmp_path
 ):
     store = LocalStore(tmp_path / "bucket")
     audits = AuditStore(store)

@@ -36,17 +36,6 @@ STEPS = 40
 FIRST_THREE = ["extract", "align", "train"]
 
 
-@pytest.fixture(scope="session")
-def local_ray():
-    """One small local Ray instance for the session (2 CPUs, no dashboard), shut down at the end."""
-    if ray.is_initialized():  # another test module left one running: share it
-        yield
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local bucket shared by this module's tests, so activations extracted once are reused (as in production)."""

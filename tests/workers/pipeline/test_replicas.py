@@ -27,17 +27,6 @@ from workers.storage import LocalStore
 BUDGET = 20_000
 
 
-@pytest.fixture(scope="session")
-def local_ray():
-    """One small local Ray instance for the session (2 CPUs, no dashboard), shut down at the end."""
-    if ray.is_initialized():  # another test module left one running: share it
-        yield
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def make_spec(tiny_models, replicas: int | str) -> AuditSpec:
     resources = {"num_cpus": 0.3, "replicas": replicas}
     return AuditSpec.model_validate(
