@@ -149,7 +149,8 @@ def test_padded_batches_give_the_same_per_token_activations_as_single_documents(
         assert b.activations.shape == (n_tokens, model.config.get_text_config().hidden_size)
         assert torch.equal(b.token_ids, s.token_ids)
         assert tokenizer.pad_token_id not in b.token_ids.tolist()
-        torch.testing.assert_close(b.activations, s.activations, atol=1e-5, rtol=1e-4)
+        # Batched matmuls sum in another order (GPT-OSS reached 1.05e-5 once); a leaked pad moves them far more.
+        torch.testing.assert_close(b.activations, s.activations, atol=5e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
