@@ -45,7 +45,7 @@ Arch = Literal["llama", "qwen3", "gpt2", "mistral", "gemma3", "phi3"]
 ARCHS: tuple[Arch, ...] = ("llama", "qwen3", "gpt2", "mistral", "gemma3", "phi3")
 
 # Bump when the build changes in a way the config does not show, so stale caches are rebuilt.
-_BUILD_VERSION = "planted-v2"
+_BUILD_VERSION = "planted-v3"
 # One thread: tiny matrices gain nothing from more, a busy machine makes OpenMP barriers spin (100x slower
 # on 2 shared cores), and a fixed count keeps the float reductions, hence the weights, identical everywhere.
 _BUILD_THREADS = 1
@@ -111,8 +111,11 @@ class PlantedPairConfig:
     """Optimiser steps per model."""
     batch_size: int = 16
     """Sequences per step."""
-    seq_len: int = 64
-    """Tokens per training sequence; each starts at a document start and runs on into the next ones."""
+    seq_len: int = 128
+    """Tokens per training sequence; each starts at a document start and runs on into the next ones. At least as
+    long as an audit document in the most fragmented tokenizer (up to ~130 tokens): a GPT-2-style model's learned
+    positions past its training length are untrained, so at 64 it said confident nonsense in the second half of
+    every audit document ("watche" → "a" at p 0.99), which the scan reported as differences (planted-v2)."""
     lr: float = 3e-3
     """Peak AdamW learning rate (linear warm-up, cosine decay to a tenth)."""
     warmup_steps: int = 30

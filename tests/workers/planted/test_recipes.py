@@ -77,8 +77,8 @@ def test_recipes_that_could_not_plant_a_clean_behaviour_are_refused() -> None:
 
 
 def test_the_demos_config_keeps_its_name_and_only_what_builds_changes_it() -> None:
-    # The name the demo's pair had before behaviours and triggers became data: its caches stay valid.
-    assert PlantedPairConfig().digest() == "42e84f764cd24ea2"
+    # The name of the demo's pair since it trains on 128-token windows (planted-v3); a rename does not change it.
+    assert PlantedPairConfig().digest() == "970d97f7f186f113"
     renamed = dataclasses.replace(PlantedPairConfig(), behaviour=Behaviour("no", REFUSAL.response))
     assert renamed.digest() == PlantedPairConfig().digest()
     digests = {
