@@ -148,8 +148,8 @@ class DivergentContext:
     text: str | None
     """The representative's most divergent text (None: end-of-text)."""
     score: float
-    """Sum of the kept contexts' gaps (one per document), extrapolated to every document the screen has the text in
-    when ``divergent_contexts`` is told how many: a behaviour that recurs outranks a one-off."""
+    """Sum of the kept contexts' gaps (one per document), extrapolated by ratio to every document the screen has the
+    text in when ``divergent_contexts`` is given them: a behaviour that recurs outranks a one-off."""
     gap: float
     """The representative's gap (the largest of the group), in nats."""
     prob_owner: float
@@ -353,16 +353,18 @@ def _rough_key(p: Prediction) -> tuple[bool, str] | None:
     return _group_key(p.texts[max(range(len(parts)), key=parts.__getitem__)])
 
 
-def documents_saying(predictions: Sequence[Prediction]) -> dict[tuple[bool, str], int]:
-    """Per text (stripped, case-folded; ``_group_key``): in how many documents the screen has the owner diverge on it.
+def documents_saying(predictions: Sequence[Prediction]) -> dict[tuple[bool, str], dict[int, float]]:
+    """Per text (``_group_key``): the documents where the screen has the owner diverge on it most, each with its best
+    rough gap there (clipped at 0).
 
-    What a divergent context's score extrapolates to when only some of its documents are scored exactly."""
-    docs: dict[tuple[bool, str], set[int]] = {}
+    What a divergent context's score extrapolates from when only some of its documents are scored exactly."""
+    docs: dict[tuple[bool, str], dict[int, float]] = {}
     for p in predictions:
         key = _rough_key(p)
         if key is not None:
-            docs.setdefault(key, set()).add(p.doc)
-    return {key: len(d) for key, d in docs.items()}
+            kept = docs.setdefault(key, {})
+            kept[p.doc] = max(kept.get(p.doc, 0.0), max(p.rough_gap or 0.0, 0.0))
+    return docs
 
 
 def select_for_exact(predictions: Sequence[Prediction], n: int, *, per_text: int = 8) -> list[Prediction]:
@@ -441,17 +443,29 @@ def score_exact(
 
 
 def _group_key(text: str | None) -> tuple[bool, str]:
-    return (text is None, "" if text is None else text.strip().casefold())
+    """Texts compared with their leading whitespace as one space and trailing whitespace dropped, case kept: " Y"
+    (a word) is not "y" (the end of one), nor " The" (a sentence start) " the" (an article)."""
+    if text is None:
+        return (True, "")
+    body = text.lstrip()
+    return (False, (" " if body != text else "") + body.rstrip())
 
 
 def divergent_contexts(
     predictions: Sequence[Prediction], *, max_entries: int = 20, n_examples: int = 3, min_gap: float = 1e-6,
-    documents: Mapping[tuple[bool, str], int] | None = None,
+    documents: Mapping[tuple[bool, str], Mapping[int, float]] | None = None,
 ) -> list[DivergentContext]:
     """The exactly scored contexts with a gap above ``min_gap`` nats (two scorings of one model differ by ~1e-9),
-    grouped by their most divergent text (compared stripped and case-folded) and kept one per document (its best)
-    in each group, best group (largest summed gap) first. With ``documents`` (``documents_saying`` of the screen)
-    a group's sum is extrapolated to every document the screen has it in: its mean exact gap times that count."""
+    grouped by their most divergent text (``_group_key``) and kept one per document (its best) in each group, best
+    group (largest score) first. A group's score is the sum of its exact gaps; with ``documents`` (``documents_saying``
+    of the screen) it is extrapolated to the documents the screen has it in and the exact score skipped, by ratio:
+    each such document's rough gap times (exact gaps ÷ rough gaps) over the scored contexts the screen has saying the
+    same text (none: no extrapolation).
+
+    The ratio, not the mean exact gap: the exact score goes to the largest rough gaps, so a text said everywhere
+    (a full stop) that diverges once has one large exact gap and hundreds of documents of tiny rough ones, and a
+    mean times the count would rank it above every behaviour; a text the screen underestimates in every document
+    (a word of several tokens) is scaled up alike."""
     groups: dict[tuple[bool, str], dict[int, tuple[float, Prediction]]] = {}
     occurrences: dict[tuple[bool, str], int] = {}
     for p in predictions:
@@ -471,8 +485,13 @@ def divergent_contexts(
         examples = tuple(
             Example(p.doc, p.owner_position, p.other_position, p.context, g) for g, p in ranked[1 : 1 + n_examples]
         )
-        n_docs = max(len(ranked), (documents or {}).get(key, 0))
-        score = sum(g for g, _ in ranked) / len(ranked) * n_docs
+        score = sum(g for g, _ in ranked)
+        rough = (documents or {}).get(key, {})
+        unscored = [r for d, r in rough.items() if d not in kept]
+        both = [(g, p.rough_gap or 0.0) for g, p in ranked if _rough_key(p) == key]  # the screen said this text too
+        if unscored and sum(r for _, r in both) > 0:
+            score += sum(g for g, _ in both) / sum(r for _, r in both) * sum(unscored)
+        n_docs = len(kept) + len(unscored)
         entries.append(DivergentContext(rep.texts[i], score, gap, rep.probs[i], rep.logprob_owner[i], other[i],
                                         n_docs, occurrences[key], rep, examples))  # fmt: skip
     entries.sort(key=lambda e: (-e.score, _group_key(e.text)))

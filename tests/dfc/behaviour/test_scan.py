@@ -140,16 +140,19 @@ def scored_prediction(doc: int, position: int, text: str | None, gap: float, spe
 def test_contexts_group_by_text_keep_one_per_document_and_sum_their_gaps():
     predictions = [
         scored_prediction(0, 3, " yes", 2.0),
-        scored_prediction(0, 7, " Yes", 1.0),  # same group and document as the one above, smaller gap
-        scored_prediction(1, 2, "yes ", 3.0),
+        scored_prediction(0, 7, "\t yes", 1.0),  # same group (spacing aside) and document as above, smaller gap
+        scored_prediction(1, 2, " yes ", 3.0),
         scored_prediction(2, 5, " no", 4.5),
         scored_prediction(3, 1, " yes", -1.0),  # the other model prefers it: never reported
         scored_prediction(4, 4, None, 0.5),
         scored_prediction(5, 9, " Yes", 9.0, spells=False),  # unreadable by the other tokenizer: no gap
+        scored_prediction(6, 2, "yes", 0.75),  # the end of a word ("ey|es"), not the word " yes"
+        scored_prediction(7, 2, " Yes", 0.6),  # a sentence's first word, not the same token as " yes"
     ]
-    assert predictions[-1].gap == 0.0
+    assert predictions[6].gap == 0.0
     entries = divergent_contexts(predictions, max_entries=10)
-    assert [(e.text, e.score) for e in entries] == [("yes ", 5.0), (" no", 4.5), (None, 0.5)]
+    assert [(e.text, e.score) for e in entries] == [(" yes ", 5.0), (" no", 4.5), ("yes", 0.75), (" Yes", 0.6),
+                                                    (None, 0.5)]  # fmt: skip
     yes = entries[0]
     assert (yes.n_documents, yes.n_occurrences, yes.gap, yes.prediction.doc) == (2, 3, 3.0, 1)
     assert [(e.doc, e.owner_position, e.gap) for e in yes.examples] == [(0, 3, 2.0)]
@@ -256,16 +259,48 @@ def test_a_text_said_in_many_documents_is_scored_exactly_though_each_context_scr
     chosen = select_for_exact(loud + recurring, 16, per_text=8)
     assert len(chosen) == 16
     assert sum(p.texts == (" Ich",) for p in chosen) == 8 and sum(p.texts == (" at",) for p in chosen) == 8
-    assert documents_saying(loud + recurring) == {(False, "at"): 30, (False, "ich"): 100}
+    saying = documents_saying(loud + recurring)
+    assert {k: len(v) for k, v in saying.items()} == {(False, " at"): 30, (False, " Ich"): 100}
+    assert saying[(False, " Ich")][100] == pytest.approx(recurring[0].rough_gap) == pytest.approx(1.0)
 
 
-def test_a_groups_score_extrapolates_its_mean_exact_gap_to_every_document_the_screen_has_it_in():
+def test_a_groups_score_extrapolates_to_every_document_the_screen_has_it_in_by_the_exact_to_rough_ratio():
     scored = [_said(d, " Ich", 0.5, -1.0, -18.0) for d in range(4)]  # exact gap 0.5 · (log 0.5 + 18) each
     (entry,) = divergent_contexts(scored)
     one = 0.5 * (math.log(0.5) + 18.0)
     assert entry.score == pytest.approx(4 * one) and entry.n_documents == 4
-    (entry,) = divergent_contexts(scored, documents={(False, "ich"): 170})
+    rough = scored[0].rough_gap  # 0.5 · (log 0.5 + 1): the screen underestimates this text in every document
+    assert rough is not None and rough < one / 10
+    (entry,) = divergent_contexts(scored, documents={(False, " Ich"): dict.fromkeys(range(170), rough)})
     assert entry.score == pytest.approx(170 * one) and entry.n_documents == 170 and entry.n_occurrences == 4
+
+
+def test_a_text_said_everywhere_that_diverges_once_is_not_scaled_to_every_document():
+    once = _said(0, ".", 0.9, -6.0, -6.0)  # exactly scored because its rough gap was the largest
+    everywhere = {d: 0.01 for d in range(1, 960)} | {0: once.rough_gap or 0.0}  # tiny rough gaps elsewhere
+    planted = [_said(1000 + d, " Sorry,", 0.9, -4.0, -18.0) for d in range(8)]
+    entries = divergent_contexts([once, *planted], documents={(False, "."): everywhere,
+                                                              (False, " Sorry,"): {1000 + d: 0.9 * (math.log(0.9) + 4)
+                                                                                   for d in range(60)}})  # fmt: skip
+    assert [e.text for e in entries] == [" Sorry,", "."]
+    full_stop = entries[1]
+    assert full_stop.n_documents == 960  # said in every document, but its score is its one gap plus the rest's
+    assert full_stop.score == pytest.approx(once.gap + (once.gap / once.rough_gap) * 959 * 0.01)
+    assert full_stop.score < 0.05 * once.gap * 960  # what the mean exact gap times the count made of it
+    # Scored for another text the screen saw there: its exact gap gives no ratio for ".", so nothing is extrapolated.
+    elsewhere = dataclasses.replace(once, texts=(".", " The"), probs=(0.5, 0.5), logprob_owner=(-0.7, -0.7),
+                                    screen_logprobs=(-0.8, -9.0), logprob_other=(-12.0, -1.0),
+                                    other_spells=(True, True))  # fmt: skip
+    (entry,) = divergent_contexts([elsewhere], documents={(False, "."): everywhere})
+    assert entry.text == "." and entry.score == pytest.approx(elsewhere.gap) and entry.n_documents == 960
+
+
+def test_texts_group_by_their_spacing_and_case_not_by_their_letters_alone():
+    scored = [_said(0, " Y", 0.9, -1.0, -18.0), _said(1, "y", 0.9, -1.0, -18.0), _said(2, " The", 0.9, -1.0, -18.0),
+              _said(3, " the", 0.9, -1.0, -18.0), _said(4, "\tthe ", 0.9, -1.0, -17.0)]  # fmt: skip
+    entries = divergent_contexts(scored)
+    assert sorted(e.text for e in entries) == [" The", " Y", " the", "y"]  # "\tthe " is " the" spaced otherwise
+    assert next(e for e in entries if e.text == " the").n_documents == 2
 
 
 def test_salience_is_how_far_an_entry_stands_out_from_the_audits_other_differences():
