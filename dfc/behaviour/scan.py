@@ -458,7 +458,7 @@ def divergent_contexts(
     """The exactly scored contexts with a gap above ``min_gap`` nats (two scorings of one model differ by ~1e-9),
     grouped by their most divergent text (``_group_key``) and kept one per document (its best) in each group, best
     group (largest score) first. A group's score is the sum of its exact gaps; with ``documents`` (``documents_saying``
-    of the screen) it is extrapolated to the documents the screen has it in and the exact score skipped, by ratio:
+    of the screen) it is extrapolated to the documents the screen has it in that were not scored exactly, by ratio:
     each such document's rough gap times (exact gaps ÷ rough gaps) over the scored contexts the screen has saying the
     same text (none: no extrapolation).
 
