@@ -11,7 +11,7 @@ audited with the demo's recipe (`service.cli.run.demo_spec`, on local Ray) and j
 response and removing it halves the response with neutral KL < 0.05. On a null pair whatever ranks and passes
 the checks is a false positive by construction.
 
-    python benchmarks/suite.py                          # all 20 pairs, about 60 min on 2 cores -> results/suite.json
+    python benchmarks/suite.py                          # all 20 pairs, about 65 min on 2 cores -> results/suite.json
     python benchmarks/suite.py --pairs demo,null_seed_llama
     python benchmarks/suite.py --seeds 3                # three crosscoder seeds per pair
     python benchmarks/suite.py --held-out --append      # only the held-out pairs, merged into results/suite.json
