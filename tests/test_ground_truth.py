@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.fixtures.llm_server import KEY, MODEL, LLMServer, serve_llm
 from workers.planted.pair import PlantedPair
 from workers.planted.truth import AuditArtifacts, judge_scan, removal_effect
-from workers.report.schema import AuditReport, FeatureReport
+from workers.report.schema import AuditReport, DivergentContext, FeatureReport
 from workers.storage import open_store
 
 
@@ -72,12 +72,20 @@ def _at_trigger_ends(feature: FeatureReport, trigger: str) -> float:
     return hits / max(len(feature.top_contexts), 1)
 
 
+def _planted_feature(report: AuditReport, trigger: str) -> FeatureReport | None:
+    """B's best-ranked finding that fires at the end of trigger sentences (≥ 80% of its top contexts)."""
+    return next((f for f in report.features_b if _at_trigger_ends(f, trigger) >= 0.8), None)
+
+
+def _first_b_entry(report: AuditReport) -> DivergentContext:
+    """B's first divergent context of the scan."""
+    return next(e for e in report.divergent_contexts or [] if e.owner == "B")
+
+
 def test_the_demo_ranks_the_planted_feature_in_bs_top_three_saying_the_planted_response(demo, planted_pair):
     _, report = _report(demo)
-    trigger = planted_pair.trigger_word
-    tied = [f for f in report.features_b if _at_trigger_ends(f, trigger) >= 0.8]
-    assert tied, "no B-exclusive feature fires on the trigger sentences"
-    planted = tied[0]  # the best-ranked one
+    planted = _planted_feature(report, planted_pair.trigger_word)
+    assert planted is not None, "no B-exclusive feature fires on the trigger sentences"
     assert planted.rank <= 3, [(f.rank, f.index, f.top_contexts[0].token) for f in report.features_b[:5]]
     # What it makes B say, and A would not: the planted response's first word.
     assert planted.divergence is not None and planted.divergence.nats > 1.0
@@ -91,7 +99,8 @@ def test_the_demo_ranks_the_planted_feature_in_bs_top_three_saying_the_planted_r
                    "shared features, which the scan names (benchmarks/RESULTS.md, 'Planted-pair suite')", strict=False)
 def test_removing_the_demos_planted_feature_where_it_fires_halves_the_planted_response(demo, planted_pair):
     audit_id, report = _report(demo)
-    planted = next(f for f in report.features_b if _at_trigger_ends(f, planted_pair.trigger_word) >= 0.8)
+    planted = _planted_feature(report, planted_pair.trigger_word)
+    assert planted is not None, "no B-exclusive feature fires on the trigger sentences"
     # Suppression: remove the feature where it fires (gated, α = -1) in B itself.
     audit = AuditArtifacts.read(open_store(str(demo)), audit_id, demo / "cc")
     model = AutoModelForCausalLM.from_pretrained(planted_pair.model_b_dir).eval()
@@ -105,7 +114,7 @@ def test_the_demos_behaviour_first_scan_puts_the_planted_response_first_and_name
     _, report = _report(demo)
     verdict = judge_scan(report, planted_pair.trigger, planted_pair.planted_continuation)
     assert verdict.found_at == 1, [(e.rank, e.text, e.context[-60:]) for e in report.divergent_contexts or []][:5]
-    top = next(e for e in report.divergent_contexts or [] if e.owner == "B")
+    top = _first_b_entry(report)
     # B says it where A finds it (nearly) impossible, in many documents, well above the null pairs' entries.
     assert top.logprob_other < top.logprob_owner - 5 and top.occurrences >= 10
     assert report.scan is not None and (top.passes_null is None) == (report.scan.null_threshold is None)
@@ -119,6 +128,6 @@ def test_the_demos_behaviour_first_scan_puts_the_planted_response_first_and_name
                    "(benchmarks/RESULTS.md, 'Null calibration')", strict=False)
 def test_the_demos_planted_divergent_context_passes_the_null_check(demo, planted_pair):
     _, report = _report(demo)
-    top = next(e for e in report.divergent_contexts or [] if e.owner == "B")
+    top = _first_b_entry(report)
     assert report.scan is not None and report.scan.null_threshold is not None
     assert top.passes_null is True and top.salience is not None and top.salience > report.scan.null_threshold
