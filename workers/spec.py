@@ -299,6 +299,10 @@ class ScanSpec(_Strict):
     min_prob: float = Field(
         0.05, ge=0.0, le=1.0, description="Next tokens the owner gives less probability than this are not read."
     )
+    complete_words: int = Field(
+        6, ge=0, le=32, description="A next token of spaces only is completed greedily to the end of the word that "
+        "follows, at most this many tokens (0: off): fine tokenizers spell a word they lack from a bare space.",
+    )
     contexts: int = Field(
         256, ge=1, le=100_000, description="Contexts per direction scored exactly (the rest are screened cheaply)."
     )

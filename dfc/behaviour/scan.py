@@ -15,6 +15,7 @@ the top N only.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, NamedTuple
@@ -34,6 +35,7 @@ BATCH_DOCUMENTS = 8
 """Documents per forward pass (fewer when ``MAX_BATCH_TOKENS`` would be exceeded)."""
 MAX_BATCH_TOKENS = 4096
 """Padded tokens one document forward may hold: bounds the ``tokens × vocabulary`` logits it makes."""
+_WORD = re.compile(r"\w")
 
 
 class ScanDocument(NamedTuple):
@@ -253,6 +255,86 @@ def owner_predictions(
                 out.append(Prediction(document.doc, o, x, tuple(t for t, _, _ in kept), tuple(s for _, s, _ in kept),
                                       tuple(math.exp(lp) for _, _, lp in kept),
                                       tuple(max(lp, LOGPROB_FLOOR) for _, _, lp in kept)))  # fmt: skip
+    return out
+
+
+# --- a token that says no word: complete it --------------------------------------------------------------------
+
+
+def _bare_space(text: str | None) -> bool:
+    """A token that appends only spaces: what comes next is a word the owner spells after it, not this token."""
+    return bool(text) and not text.strip(" \t")  # type: ignore[union-attr]
+
+
+def _ends_word(word: str, piece: str) -> bool:
+    """Whether ``piece`` starts after the word ``word`` has ended: with whitespace, or with punctuation once the word
+    has a letter or digit (" Call" ends at ".", a leading "(" does not end it)."""
+    return piece[0].isspace() or (_WORD.search(word) is not None and _WORD.match(piece) is None)
+
+
+def complete_words(
+    model: nn.Module,
+    tokenizer: Any,
+    documents: Sequence[ScanDocument],
+    predictions: Sequence[Prediction],
+    *,
+    max_steps: int = 6,
+    batch_size: int = BATCH_DOCUMENTS,
+    max_tokens_per_batch: int = MAX_BATCH_TOKENS,
+) -> list[Prediction]:
+    """``predictions`` whose bare-space texts (a token of spaces only) are completed by the owner's greedy next
+    tokens up to the end of the word that follows (a token starting with whitespace, end-of-text, a special token
+    or a byte piece ends it), at most ``max_steps`` tokens; ``logprob_owner`` becomes the log-probability of that
+    tokenization. Run with the owner loaded, before the screen.
+
+    A fine-grained tokenizer spells a word it has no token for from a bare space and its letters (" Call" as
+    " ", "C", "a", "ll"); scored as the bare space, the other model (which writes spaces too) agrees with it, and
+    the word, where the two differ, is never compared. A completion equal to another text of its prediction is
+    merged with it (weights summed): one text, one part of the gap."""
+    if max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    texts, eos = token_texts(tokenizer).texts, eos_id(tokenizer)
+    by_id = {d.doc: d for d in documents}
+    _by_doc(documents, predictions)
+    # (prediction, text index) -> ids so far; greedy steps run all open completions together
+    open_: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(predictions):
+        for j, (t, text) in enumerate(zip(p.token_ids, p.texts, strict=True)):
+            if _bare_space(text):
+                doc = by_id[p.doc].owner_ids
+                open_[(i, j)] = [*doc[: p.owner_position + 1].tolist(), t]
+    added: dict[tuple[int, int], tuple[str, float]] = {k: ("", 0.0) for k in open_}
+    pad = _pad_id(tokenizer)
+    for _ in range(max_steps):
+        if not open_:
+            break
+        keys = list(open_)
+        jobs = [(torch.tensor(open_[k]), torch.tensor([len(open_[k]) - 1])) for k in keys]
+        for key, logprobs in zip(keys, _position_logprobs(model, pad, jobs, batch_size, max_tokens_per_batch),
+                                 strict=True):  # fmt: skip
+            lp, t = (v.item() for v in logprobs[0].max(-1))
+            piece = None if t == eos else texts[int(t)]
+            text, logp = added[key]
+            if not piece or not _speaks(piece) or _ends_word(text, piece):
+                del open_[key]  # the word has ended (or cannot be spelled as text)
+                continue
+            added[key] = (text + piece, logp + max(lp, LOGPROB_FLOOR))
+            open_[key].append(int(t))
+    out = list(predictions)
+    for i in sorted({i for i, _ in added}):
+        p = out[i]
+        merged: dict[str | None, tuple[int, float, float]] = {}  # text -> (token id, p, logprob)
+        for j, (t, text, prob, lp) in enumerate(zip(p.token_ids, p.texts, p.probs, p.logprob_owner, strict=True)):
+            word, more = added.get((i, j), ("", 0.0))
+            text = (text or "") + word if word else text
+            lp = max(lp + more, LOGPROB_FLOOR)
+            if text in merged:
+                t0, p0, lp0 = merged[text]
+                merged[text] = (t0, p0 + prob, max(lp0, lp))
+            else:
+                merged[text] = (t, prob, lp)
+        ids, probs, logs = zip(*merged.values(), strict=True)
+        out[i] = replace(p, token_ids=ids, texts=tuple(merged), probs=probs, logprob_owner=logs)
     return out
 
 

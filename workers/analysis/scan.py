@@ -22,6 +22,7 @@ from dfc.behaviour.scan import (
     Prediction,
     ScanDocument,
     attach_contexts,
+    complete_words,
     divergent_contexts,
     documents_saying,
     owner_predictions,
@@ -35,6 +36,7 @@ from workers.analysis.analyse import SIDES
 from workers.analysis.data import TrainedRun, load_runs, load_tokenizer, locate_tokens, select_pairs
 from workers.analysis.steer import OTHER, LoadedModels
 from workers.pipeline.context import StageContext
+from workers.spec import ScanSpec
 
 ATTRIBUTION_FEATURES = 8
 """Features active at a divergent context offered for removal, per seed (the strongest contributions first)."""
@@ -186,6 +188,14 @@ def _entry_json(e: DivergentContext, features: list[dict[str, Any]], salient: fl
     }  # fmt: skip
 
 
+def _predictions(loaded: Any, documents: list[ScanDocument], spec: ScanSpec) -> list[Prediction]:
+    """What the loaded model says next at every aligned position, bare spaces completed to their word."""
+    said = owner_predictions(loaded.model, loaded.tokenizer, documents, top_k=spec.top_k, min_prob=spec.min_prob)
+    if not spec.complete_words:
+        return said
+    return complete_words(loaded.model, loaded.tokenizer, documents, said, max_steps=spec.complete_words)
+
+
 def scan_stage(ctx: StageContext) -> dict[str, Any]:
     """Both directions of the behaviour-first scan; ``analysis/scan.json``."""
     spec = ctx.spec.scan
@@ -202,8 +212,7 @@ def scan_stage(ctx: StageContext) -> dict[str, Any]:
     # 1. B: what B says everywhere. 2. A: A screens and scores B's, and says its own. 3. B: screens and scores A's,
     # scores its own exactly, attributes its entries. 4. A: scores its own exactly, attributes its entries.
     loaded = models.get("b")
-    predictions["b"] = owner_predictions(loaded.model, loaded.tokenizer, documents["b"], top_k=spec.top_k,
-                                         min_prob=spec.min_prob)  # fmt: skip
+    predictions["b"] = _predictions(loaded, documents["b"], spec)
     screened["b"] = sum(len(d.positions) for d in documents["b"])
     progress.step(contexts_screened=screened["b"])
     selected: dict[str, list[Prediction]] = {}
@@ -212,8 +221,7 @@ def scan_stage(ctx: StageContext) -> dict[str, Any]:
         other = OTHER[owner]
         loaded = models.get(other)
         if owner == "b":  # A's own predictions while A is loaded
-            predictions["a"] = owner_predictions(loaded.model, loaded.tokenizer, documents["a"], top_k=spec.top_k,
-                                                 min_prob=spec.min_prob)  # fmt: skip
+            predictions["a"] = _predictions(loaded, documents["a"], spec)
             screened["a"] = sum(len(d.positions) for d in documents["a"])
             progress.step(contexts_screened=screened["a"])
         rough = screen_under_other(loaded.model, loaded.tokenizer, documents[owner], predictions[owner])

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dfc.behaviour.attribution import attribute
@@ -19,6 +20,7 @@ from dfc.behaviour.scan import (
     Prediction,
     ScanDocument,
     attach_contexts,
+    complete_words,
     divergent_contexts,
     documents_saying,
     owner_predictions,
@@ -29,7 +31,7 @@ from dfc.behaviour.scan import (
     select_for_exact,
 )
 from dfc.behaviour.steering import steer
-from dfc.lm.scoring import LOGPROB_FLOOR, continuation_logprob, score_text
+from dfc.lm.scoring import LOGPROB_FLOOR, continuation_logprob, score_text, token_texts
 from tests.fixtures.tiny_models import TINY_CORPUS
 
 PLANTED = " capital"
@@ -313,3 +315,48 @@ def test_salience_is_how_far_an_entry_stands_out_from_the_audits_other_differenc
     assert salience(entries[:1]) == [None]  # nothing to compare with
     tenfold = [dataclasses.replace(e, score=10 * e.score) for e in entries]
     assert salience(tenfold) == pytest.approx(values)  # scale-free: a pair whose differences are all larger
+
+
+class Spelling(nn.Module):
+    """A real model that, after each token of ``follows``, says the token it maps to (that logit raised by 30)."""
+
+    def __init__(self, model: nn.Module, follows: dict[int, int]) -> None:
+        super().__init__()
+        self.model, self.follows = model, follows
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = out.logits.clone()
+        for prev, nxt in self.follows.items():
+            logits[..., nxt] += 30.0 * (input_ids == prev)
+        out.logits = logits
+        return out
+
+
+def test_a_bare_space_is_completed_to_the_word_the_owner_spells_after_it(pair):
+    model, tok = pair["llama"]  # byte-level BPE with a token of one space
+    ids = {text: token_texts(tok).texts.index(text) for text in (" ", "Q", "u", "x", ".", " the")}
+    docs = scan_documents(TINY_CORPUS[:1], tok, tok)
+    o, x = docs[0].positions[3].tolist()
+    said = Prediction(0, o, x, token_ids=(ids[" "], ids[" the"]), texts=(" ", " the"), probs=(0.4, 0.3),
+                      logprob_owner=(math.log(0.4), math.log(0.3)))  # fmt: skip
+    spelling = Spelling(model, {ids[" "]: ids["Q"], ids["Q"]: ids["u"], ids["u"]: ids["x"], ids["x"]: ids["."]})
+    (done,) = complete_words(spelling, tok, docs, [said])
+    assert done.texts == (" Qux", " the")  # "." ends the word; " the" says a word already
+    assert done.token_ids == said.token_ids and done.probs == said.probs  # the bare space's weight stays
+    spelled = [*docs[0].owner_ids[: o + 1].tolist(), ids[" "], ids["Q"], ids["u"], ids["x"]]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(spelling(input_ids=torch.tensor([spelled])).logits[0].float(), -1)
+    steps = sum(logprobs[o + k, spelled[o + k + 1]].item() for k in (1, 2, 3))  # Q after " ", u after Q, x after u
+    assert done.logprob_owner == pytest.approx((math.log(0.4) + steps, math.log(0.3)), abs=1e-4)
+    # A token that starts with a space ends the word too; max_steps bounds it; 0 turns it off.
+    spaced = Spelling(model, {ids[" "]: ids["Q"], ids["Q"]: ids["u"], ids["u"]: ids[" the"]})
+    assert complete_words(spaced, tok, docs, [said])[0].texts[0] == " Qu"
+    assert complete_words(spelling, tok, docs, [said], max_steps=2)[0].texts[0] == " Qu"
+    assert complete_words(spelling, tok, docs, [said], max_steps=0) == [said]
+    # A completion that equals another text of the prediction is one text with both weights.
+    twice = dataclasses.replace(said, texts=(" ", " Qux"))
+    (merged,) = complete_words(spelling, tok, docs, [twice])
+    assert merged.texts == (" Qux",) and merged.probs == pytest.approx((0.7,))
+    with pytest.raises(ValueError, match="max_steps"):
+        complete_words(spelling, tok, docs, [said], max_steps=-1)
