@@ -277,8 +277,8 @@ def run_one(entry: SuitePair, args: argparse.Namespace, seed: int) -> dict[str, 
         "config_hash": pair.config_hash,
         **_detail(single),
         "ensemble": {**_detail(ensemble), "stability": _stability(report, ensemble)},
-        "scan": {"found_at": scan.found_at, "tied_at": scan.tied_at, "says": scan.says, "passing": scan.passing,
-                 "entries": scan.n_entries, "top": _scan_top(report)},
+        "scan": {"found_at": scan.found_at, "found_at_trigger_end": scan.found_at_trigger_end, "tied_at": scan.tied_at,
+                 "says": scan.says, "passing": scan.passing, "entries": scan.n_entries, "top": _scan_top(report)},
     }
 
 
@@ -443,8 +443,9 @@ def rerun(args: argparse.Namespace) -> None:
                                   "passing": ensemble.findings_passing_checks + scan.passing},
         }  # fmt: skip
         row["ensemble"] = {**_detail(ensemble), "stability": _stability(report, ensemble)}
-        row["scan"] = {"found_at": scan.found_at, "tied_at": scan.tied_at, "says": scan.says, "passing": scan.passing,
-                       "entries": scan.n_entries, "top": _scan_top(report)}  # fmt: skip
+        row["scan"] = {"found_at": scan.found_at, "found_at_trigger_end": scan.found_at_trigger_end,
+                       "tied_at": scan.tied_at, "says": scan.says, "passing": scan.passing, "entries": scan.n_entries,
+                       "top": _scan_top(report)}  # fmt: skip
         row["rerun_seconds"] = round(time.perf_counter() - started, 1)
         print(f"{row['name']}: one seed {row['found_at']}, ensemble {ensemble.found_at}, scan {scan.found_at}; "
               f"passing {row['methods']['ensemble_and_scan']['passing']}", flush=True)  # fmt: skip
