@@ -9,6 +9,7 @@ feature's statistics, so other percentiles can be tried without auditing again (
 
     python benchmarks/calibrate.py                      # ~10 min on 2 CPU cores
     python benchmarks/calibrate.py --from-results --percentile divergence=99 --percentile removal_kl=50
+    python benchmarks/calibrate.py --restat STORE        # statistics read again from a run's stored audits
 """
 
 from __future__ import annotations
@@ -93,7 +94,28 @@ def null_statistics(store: ObjectStore, audit_id: str) -> dict[str, Any]:
             # is a chance difference.
             "scan_scores": {side: [e["score"] for e in data["entries"]] for side, data in scan.items()},
             "scan_salience": {side: [e["salience"] for e in data["entries"] if e.get("salience") is not None]
-                              for side, data in scan.items()}}  # fmt: skip
+                              for side, data in scan.items()},
+            "scan_gap": {side: [e["gap"] for e in data["entries"]] for side, data in scan.items()}}  # fmt: skip
+
+
+def scan_thresholds(pairs: list[dict[str, Any]], statistic: str, percentile: float) -> dict[str, Any]:
+    """The scan's null thresholds (``NullCalibration`` fields): the ``percentile`` of every null entry's gap and/or
+    salience, both directions of every pair; none when a pair has no entries to read. Prints both statistics'
+    thresholds and what passes, the one not shipped too, for comparison."""
+    out: dict[str, Any] = {}
+    for name in ("gap", "salience"):
+        values = [[v for side in ("a", "b") for v in p.get(f"scan_{name}", {}).get(side, [])] for p in pairs]
+        if not all(values):
+            print(f"scan: no {name} of a null entry saved for every pair; {name} is not calibrated")
+            continue
+        threshold = quantile([v for vs in values for v in vs], percentile / 100.0)
+        passing = [sum(v > threshold for v in p[f"scan_{name}"].get("b", [])) for p in pairs]
+        shipped = statistic in (name, "both")
+        print(f"scan: {name} > {threshold:.3g} (null p{percentile:g} of {sum(map(len, values))} entries); B's entries "
+              f"passing per pair: {passing}{'' if shipped else ' (not shipped: --scan-statistic)'}")  # fmt: skip
+        if shipped:
+            out[f"scan_{name}"] = threshold
+    return {**out, "scan_percentile": percentile} if out else {}
 
 
 def parse_percentiles(values: list[str]) -> dict[str, float]:
@@ -118,7 +140,11 @@ def main() -> int:
                         help=f"a check's null percentile (default {PERCENTILES})")  # fmt: skip
     parser.add_argument("--scan-percentile", type=float, default=SCAN_PERCENTILE,
                         help="the scan's null percentile (default %(default)s)")  # fmt: skip
+    parser.add_argument("--scan-statistic", choices=("gap", "salience", "both"), default="gap",
+                        help="what a scan entry's ✓ reads (default %(default)s; both: above both thresholds)")
     parser.add_argument("--from-results", action="store_true", help="recalibrate from the saved null features")
+    parser.add_argument("--restat", type=Path, default=None, metavar="STORE",
+                        help="read the saved null audits' statistics again from STORE (no audits run), recalibrate")
     parser.add_argument("--rerun", type=Path, default=None, metavar="STORE",
                         help="run the saved null audits in STORE again from the analyse stage, then recalibrate")
     parser.add_argument("--no-ship", action="store_true", help=f"do not overwrite {SHIPPED.relative_to(ROOT)}")
@@ -133,9 +159,11 @@ def main() -> int:
         for p in pairs:
             rerun_from(args.rerun, p["audit_id"], "analyse", work)
             p.update(null_statistics(open_store(str(args.rerun)), p["audit_id"]))
-    elif args.from_results:
+    elif args.from_results or args.restat:
         pairs = json.loads(RESULTS.read_text())["pairs"]
         started -= sum(p["seconds"] for p in pairs)  # the audits' time, not this recount's
+        for p in pairs if args.restat else []:
+            p.update(null_statistics(open_store(str(args.restat)), p["audit_id"]))
     else:
         torch.set_num_threads(1)
         args.cache = args.cache.expanduser()
@@ -150,13 +178,7 @@ def main() -> int:
     audits = [[FindingStatistics(**f) for f in p["features"]] for p in pairs]
     source = f"{len(pairs)} null pairs ({', '.join(p['name'] for p in pairs)}; benchmarks/calibrate.py, demo recipe)"
     result = calibrate(audits, percentiles, source=source)
-    scan_values = [[v for side in ("a", "b") for v in p.get("scan_salience", {}).get(side, [])] for p in pairs]
-    if all(scan_values):
-        threshold = quantile([v for values in scan_values for v in values], args.scan_percentile / 100.0)
-        result = replace(result, scan_salience=threshold, scan_percentile=args.scan_percentile)
-        passing = [sum(v > threshold for v in p["scan_salience"].get("b", [])) for p in pairs]
-        print(f"scan: salience > {threshold:.3g} (null p{args.scan_percentile:g} of {sum(map(len, scan_values))} "
-              f"entries); B's entries passing per pair: {passing}")  # fmt: skip
+    result = replace(result, **scan_thresholds(pairs, args.scan_statistic, args.scan_percentile))
     print(f"{'check':12} {'percentile':>10} {'threshold':>10}")
     for name, threshold in result.thresholds.items():
         print(f"{name:12} {result.percentiles[name]:10g} {threshold:10.4g}")

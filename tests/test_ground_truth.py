@@ -117,7 +117,8 @@ def test_the_demos_behaviour_first_scan_puts_the_planted_response_first_and_name
     top = _first_b_entry(report)
     # B says it where A finds it (nearly) impossible, in many documents, well above the null pairs' entries.
     assert top.logprob_other < top.logprob_owner - 5 and top.occurrences >= 10
-    assert report.scan is not None and (top.passes_null is None) == (report.scan.null_threshold is None)
+    assert report.scan is not None
+    assert (top.passes_null is None) == (report.scan.null_threshold is None and report.scan.null_gap is None)
     # Removing the features that carry it, one at a time, closes a real share of the gap; the best first.
     assert top.features and top.features[0].closes > 0.3
     assert [f.closes for f in top.features] == sorted((f.closes for f in top.features), reverse=True)
@@ -129,5 +130,5 @@ def test_the_demos_behaviour_first_scan_puts_the_planted_response_first_and_name
 def test_the_demos_planted_divergent_context_passes_the_null_check(demo, planted_pair):
     _, report = _report(demo)
     top = _first_b_entry(report)
-    assert report.scan is not None and report.scan.null_threshold is not None
-    assert top.passes_null is True and top.salience is not None and top.salience > report.scan.null_threshold
+    assert report.scan is not None and report.scan.null_gap is not None
+    assert top.passes_null is True and top.gap > report.scan.null_gap

@@ -67,7 +67,18 @@ class NullCalibration:
     """The behaviour-first scan: the salience (``dfc.behaviour.scan.salience``) an entry must be above; None: the
     scan is uncalibrated."""
     scan_percentile: float | None = None
-    """Which null percentile of the null pairs' scan entries ``scan_salience`` is."""
+    """Which null percentile of the null pairs' scan entries ``scan_salience`` and ``scan_gap`` are."""
+    scan_gap: float | None = None
+    """The behaviour-first scan: the gap (nats, at the entry's representative context) an entry must be above."""
+
+    def scan_passes(self, gap: float | None, salience: float | None) -> bool | None:
+        """Whether a scan entry passes the null: above every scan threshold set (``scan_gap``, ``scan_salience``);
+        None when none is set, or the entry lacks a statistic one needs."""
+        checks = [(self.scan_gap, gap), (self.scan_salience, salience)]
+        needed = [(threshold, value) for threshold, value in checks if threshold is not None]
+        if not needed or any(value is None for _, value in needed):
+            return None
+        return all(value > threshold for threshold, value in needed)  # type: ignore[operator]
 
     @property
     def passing_per_pair_mean(self) -> float:
@@ -87,6 +98,7 @@ class NullCalibration:
             source=str(data.get("source", "")),
             scan_salience=None if data.get("scan_salience") is None else float(data["scan_salience"]),
             scan_percentile=None if data.get("scan_percentile") is None else float(data["scan_percentile"]),
+            scan_gap=None if data.get("scan_gap") is None else float(data["scan_gap"]),
         )
 
 

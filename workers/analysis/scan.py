@@ -188,12 +188,14 @@ def _entry_json(e: DivergentContext, features: list[dict[str, Any]], salient: fl
     }  # fmt: skip
 
 
-def _predictions(loaded: Any, documents: list[ScanDocument], spec: ScanSpec) -> list[Prediction]:
-    """What the loaded model says next at every aligned position, bare spaces completed to their word."""
+def _predictions(loaded: Any, documents: list[ScanDocument], spec: ScanSpec) -> tuple[list[Prediction], int]:
+    """What the loaded model says next at every aligned position, bare spaces completed to their word; and at how
+    many positions a text was completed."""
     said = owner_predictions(loaded.model, loaded.tokenizer, documents, top_k=spec.top_k, min_prob=spec.min_prob)
     if not spec.complete_words:
-        return said
-    return complete_words(loaded.model, loaded.tokenizer, documents, said, max_steps=spec.complete_words)
+        return said, 0
+    done = complete_words(loaded.model, loaded.tokenizer, documents, said, max_steps=spec.complete_words)
+    return done, sum(p.texts != q.texts for p, q in zip(said, done, strict=True))
 
 
 def scan_stage(ctx: StageContext) -> dict[str, Any]:
@@ -212,7 +214,8 @@ def scan_stage(ctx: StageContext) -> dict[str, Any]:
     # 1. B: what B says everywhere. 2. A: A screens and scores B's, and says its own. 3. B: screens and scores A's,
     # scores its own exactly, attributes its entries. 4. A: scores its own exactly, attributes its entries.
     loaded = models.get("b")
-    predictions["b"] = _predictions(loaded, documents["b"], spec)
+    completed: dict[str, int] = {}
+    predictions["b"], completed["b"] = _predictions(loaded, documents["b"], spec)
     screened["b"] = sum(len(d.positions) for d in documents["b"])
     progress.step(contexts_screened=screened["b"])
     selected: dict[str, list[Prediction]] = {}
@@ -221,7 +224,7 @@ def scan_stage(ctx: StageContext) -> dict[str, Any]:
         other = OTHER[owner]
         loaded = models.get(other)
         if owner == "b":  # A's own predictions while A is loaded
-            predictions["a"] = _predictions(loaded, documents["a"], spec)
+            predictions["a"], completed["a"] = _predictions(loaded, documents["a"], spec)
             screened["a"] = sum(len(d.positions) for d in documents["a"])
             progress.step(contexts_screened=screened["a"])
         rough = screen_under_other(loaded.model, loaded.tokenizer, documents[owner], predictions[owner])
@@ -247,7 +250,7 @@ def scan_stage(ctx: StageContext) -> dict[str, Any]:
         "top_k": spec.top_k,
         "seconds": round(time.monotonic() - started, 3),
         "sides": {
-            owner: {"screened": screened[owner], "scored": len(selected[owner]),
+            owner: {"screened": screened[owner], "completed": completed[owner], "scored": len(selected[owner]),
                     "entries": [_entry_json(e, f, s) for e, f, s in zip(entries[owner], attributed[owner],
                                                                          salience(entries[owner]), strict=True)]}
             for owner in ("b", "a")

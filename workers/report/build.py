@@ -299,7 +299,7 @@ def ensemble_info(analysis: dict[str, Any]) -> EnsembleInfo | None:
 
 
 def divergent_contexts(scan: dict[str, Any] | None, reported: dict[str, set[tuple[int, int]]],
-                       threshold: float | None) -> list[DivergentContext] | None:  # fmt: skip
+                       calibration: NullCalibration) -> list[DivergentContext] | None:  # fmt: skip
     """The scan's entries of both owners, B's first, each with the features that carry it."""
     if scan is None:
         return None
@@ -317,19 +317,20 @@ def divergent_contexts(scan: dict[str, Any] | None, reported: dict[str, set[tupl
                                       reported=(f["run"], f["feature"]) in reported[side])
                           for f in e.get("features", [])],
                 salience=e.get("salience"),
-                passes_null=None if threshold is None or e.get("salience") is None else e["salience"] > threshold,
+                passes_null=calibration.scan_passes(e["gap"], e.get("salience")),
             ))  # fmt: skip
     return out
 
 
-def scan_info(scan: dict[str, Any] | None, threshold: float | None) -> ScanInfo | None:
+def scan_info(scan: dict[str, Any] | None, calibration: NullCalibration) -> ScanInfo | None:
     """How the scan ran (None when it did not)."""
     if scan is None:
         return None
     sides = scan["sides"]
     return ScanInfo(contexts_screened={s.upper(): d["screened"] for s, d in sides.items()},
                     contexts_scored={s.upper(): d["scored"] for s, d in sides.items()}, top_k=scan["top_k"],
-                    null_threshold=threshold, seconds=max(0.0, scan["seconds"]))  # fmt: skip
+                    null_threshold=calibration.scan_salience, null_gap=calibration.scan_gap,
+                    seconds=max(0.0, scan["seconds"]))  # fmt: skip
 
 
 def build_report(audit_id: str, spec: AuditSpec, status: AuditStatus, outputs: dict[str, dict[str, Any]],
@@ -388,7 +389,7 @@ def build_report(audit_id: str, spec: AuditSpec, status: AuditStatus, outputs: d
         + explanation_warnings(outputs.get("explain"), explanations),
         checks_calibration=ChecksCalibration(**calibration.to_dict()) if steering else None,
         ensemble=ensemble_info(analysis),
-        divergent_contexts=divergent_contexts(scan, reported, calibration.scan_salience),
-        scan=scan_info(scan, calibration.scan_salience),
+        divergent_contexts=divergent_contexts(scan, reported, calibration),
+        scan=scan_info(scan, calibration),
     )  # fmt: skip
     return AuditReport.model_validate_json(report.model_dump_json())  # what readers will parse, checked once more

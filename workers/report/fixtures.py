@@ -50,6 +50,7 @@ EXAMPLE_CALIBRATION = NullCalibration(
     thresholds={"divergence": 0.14, "removal_kl": 0.01, "specificity": 1.4},
     percentiles={"divergence": 99.0, "removal_kl": 50.0, "specificity": 50.0},
     null_pairs=3, null_features=120, passing_per_pair=[1, 0, 0], source="EXAMPLE calibration",
+    scan_salience=2.5, scan_percentile=99.0, scan_gap=8.0,
 )  # fmt: skip
 """An invented null calibration, shaped like the shipped one."""
 
@@ -321,7 +322,7 @@ def _divergent_contexts(per_model: dict[Owner, list[FeatureReport]]) -> list[Div
                 score=round(gap * (40 - 15 * rank), 4), occurrences=40 - 15 * rank, salience=round(4.5 - rank, 2),
                 examples=[ScanExample(doc_id=c.doc_id, context=c.prefix + c.token, gap=round(gap * 0.9, 4))
                           for c in f.top_contexts[1:3]],
-                features=links, passes_null=rank == 1,
+                features=links, passes_null=EXAMPLE_CALIBRATION.scan_passes(gap, round(4.5 - rank, 2)),
             ))  # fmt: skip
     return out
 
@@ -413,7 +414,8 @@ def example_report(n_features: int = 40, seed: int = 0, n_shared: int = 200) -> 
                               in_one_seed={o: sum(len(f.seeds) == 1 for f in per_model[o]) for o in ("A", "B")}),
         divergent_contexts=_divergent_contexts(per_model),
         scan=ScanInfo(contexts_screened={"A": 9_400_000, "B": 9_400_000}, contexts_scored={"A": 4096, "B": 4096},
-                      top_k=3, null_threshold=2.5, seconds=5400.0),
+                      top_k=3, null_threshold=EXAMPLE_CALIBRATION.scan_salience,
+                      null_gap=EXAMPLE_CALIBRATION.scan_gap, seconds=5400.0),
         warnings=[
             "This is an EXAMPLE report with invented numbers, for documentation and tests.",
             "Exclusive-feature lists are high-recall: check the false-positive flags and steering before acting.",

@@ -24,7 +24,7 @@ from workers.report.cards import (
     token_text,
 )
 from workers.report.schema import INTERPRETABLE, AuditReport, ModelInfo, Owner
-from workers.report.terminal import checks_legend
+from workers.report.terminal import checks_legend, scan_checks
 
 DEFAULT_TOP_N = 50
 
@@ -371,8 +371,10 @@ def _divergent(report: AuditReport, top_n: int) -> str:
     how = ""
     if info is not None:
         screened = ", ".join(f"{o}: {n:,}" for o, n in info.contexts_screened.items())
-        threshold = ("uncalibrated (no null pairs measured for the scan)" if info.null_threshold is None
-                     else f"✓ = salience above {info.null_threshold:.3g} (the null pairs' threshold; salience: log of "
+        checks = scan_checks(report)
+        threshold = ("uncalibrated (no null pairs measured for the scan)" if not checks
+                     else f"✓ = {esc(checks)} (the null pairs' thresholds; gap: the owner's top next tokens' "
+                          "log-probability under the owner over the other, weighted by the owner's; salience: log of "
                           "the entry's score over the median of this audit's other top entries)")  # fmt: skip
         how = (f'<p class="muted">Contexts screened ({screened}); the top {info.top_k} next tokens of the owner '
                f"per context; {threshold}; {info.seconds:.0f} s.</p>")

@@ -13,13 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = "1.6"
+SCHEMA_VERSION = "1.7"
 """1.1: ``nu_r_threshold`` may be null (ν_r not tested for a feature the other model has no decoder for).
 1.2: ``FeatureReport.divergence``. 1.3: ``Explanation.detection_contexts``. 1.4: ``Continuation.unsteered_tokens``
 and ``steered_tokens`` (optional: the generated tokens, special ones included). 1.5: null-calibrated checks
 (``FalsePositiveChecks.null_checks``, ``AuditReport.checks_calibration``); ``passed`` now needs them too.
 1.6: seed ensembles (``FeatureReport.run``, ``seed``, ``stability``, ``seeds``; ``AuditReport.ensemble``; a feature is
-named by its run and index) and the behaviour-first scan (``AuditReport.divergent_contexts``, ``scan``)."""
+named by its run and index) and the behaviour-first scan (``AuditReport.divergent_contexts``, ``scan``). 1.7: the scan's
+null check on the gap (``ChecksCalibration.scan_gap``, ``ScanInfo.null_gap``)."""
 
 INTERPRETABLE = 0.8
 """Detection score from which an explanation counts as interpretable (SCIENCE.md §6)."""
@@ -167,7 +168,10 @@ class ChecksCalibration(_Model):
     scan_salience: float | None = Field(
         default=None, description="The scan's null threshold on an entry's salience (null: the scan is uncalibrated)."
     )
-    scan_percentile: float | None = Field(default=None, description="Which null percentile scan_salience is.")
+    scan_percentile: float | None = Field(default=None, description="Which null percentile the scan's thresholds are.")
+    scan_gap: float | None = Field(
+        default=None, description="The scan's null threshold on an entry's gap in nats (null: not checked; before 1.7)."
+    )
 
 
 class FalsePositiveChecks(_Model):
@@ -449,7 +453,8 @@ class DivergentContext(_Model):
         default_factory=list, description="The features whose removal closes the gap most, best first."
     )
     passes_null: bool | None = Field(
-        default=None, description="Whether its salience is above the null pairs' (null: uncalibrated, or no salience)."
+        default=None, description="Whether its gap (and salience, where that is calibrated) is above the null pairs' "
+        "threshold (null: uncalibrated, or no statistic to compare)."
     )
 
 
@@ -460,7 +465,11 @@ class ScanInfo(_Model):
     contexts_scored: dict[str, Count] = Field(description="Per owner: contexts scored exactly.")
     top_k: int = Field(ge=1, description="Most likely next tokens of the owner read per context.")
     null_threshold: float | None = Field(
-        default=None, description="Salience above which an entry passes the null check (null: uncalibrated)."
+        default=None, description="Salience above which an entry passes the null check (null: not checked)."
+    )
+    null_gap: float | None = Field(
+        default=None, description="Gap in nats above which an entry passes the null check (null: not checked; "
+        "before 1.7)."
     )
     seconds: NonNegative = Field(description="Wall-clock time of the scan.")
 
@@ -468,7 +477,7 @@ class ScanInfo(_Model):
 class AuditReport(_Model):
     """The audit of model B (new) against model A (reference): the features exclusive to each, with evidence."""
 
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6"] = Field(
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7"] = Field(
         default=SCHEMA_VERSION, description="Version of this schema."
     )
     audit_id: str = Field(min_length=1, description="Identifier of the audit.")

@@ -269,6 +269,16 @@ def _quoted(text: str | None) -> str:
     return "end of text" if text is None else repr(text)
 
 
+def scan_checks(report: AuditReport) -> str:
+    """What a scan entry's ✓ means in this report ("gap > 6.1 nats"; empty: the scan is not checked)."""
+    info = report.scan
+    if info is None:
+        return ""
+    checks = [f"gap > {info.null_gap:.3g} nats" if info.null_gap is not None else "",
+              f"salience > {info.null_threshold:.2f}" if info.null_threshold is not None else ""]  # fmt: skip
+    return " and ".join(c for c in checks if c)
+
+
 def scan_lines(report: AuditReport, owner: Owner, top: int = 5, width: int = 160) -> list[str]:
     """The behaviour-first scan's ``top`` entries of ``owner``: what it says where, how likely the other model finds
     it, and which features carry it (one line per entry, a second for the features)."""
@@ -277,16 +287,18 @@ def scan_lines(report: AuditReport, owner: Owner, top: int = 5, width: int = 160
         return []
     other = "A" if owner == "B" else "B"
     threshold = ""
-    if report.scan is not None and report.scan.null_threshold is not None:
+    checks = scan_checks(report)
+    if checks:
         cal = report.checks_calibration
         null = "" if cal is None or cal.scan_percentile is None else f", the null pairs' p{cal.scan_percentile:g}"
-        threshold = f"; ✓ = salience > {report.scan.null_threshold:.2f}{null}"
+        threshold = f"; ✓ = {checks}{null}"
     lines = [f"What {owner} says that {other} would not (behaviour-first scan, top {len(entries)}{threshold}):"]
     for e in entries:
         mark = " " if e.passes_null is None else ("✓" if e.passes_null else "✗")
         head = (f"  {mark} #{e.rank} says {_quoted(e.text)} (p {e.p_owner:.2f}; log p {owner} {e.logprob_owner:.1f}, "
                 f"{other} {e.logprob_other:.1f}) in {e.occurrences} doc{'s' if e.occurrences > 1 else ''}, "
-                f"score {e.score:.1f}, salience {'—' if e.salience is None else f'{e.salience:.2f}'}: ")  # fmt: skip
+                f"gap {e.gap:.1f}, score {e.score:.1f}, "
+                f"salience {'—' if e.salience is None else f'{e.salience:.2f}'}: ")  # fmt: skip
         context = " ".join(e.context.split())
         room = max(16, width - cell_len(head))
         lines.append(head + ("…" + context[-(room - 1) :] if len(context) > room else context))

@@ -61,6 +61,19 @@ def test_a_calibration_survives_its_json_round_trip():
     assert NullCalibration.from_dict(calibration.to_dict()) == calibration
 
 
+def test_a_scan_entry_passes_when_above_every_scan_threshold_set():
+    features = ({"divergence": 0.2}, {"divergence": 99}, 3, 60)
+    assert NullCalibration(*features).scan_passes(9.0, 4.0) is None  # the scan is uncalibrated
+    by_gap = NullCalibration(*features, scan_gap=6.0, scan_percentile=99)
+    assert by_gap.scan_passes(9.0, None) is True and by_gap.scan_passes(5.0, 9.0) is False
+    both = NullCalibration(*features, scan_gap=6.0, scan_salience=4.75, scan_percentile=99)
+    assert both.scan_passes(9.0, 5.0) is True and both.scan_passes(9.0, 4.0) is False
+    assert both.scan_passes(9.0, None) is None  # salience needed but not measured (an entry with nothing to compare)
+    old = NullCalibration.from_dict({**NullCalibration(*features).to_dict(), "scan_salience": 4.75})
+    assert old.scan_gap is None and old.scan_passes(0.1, 5.0) is True  # a 1.6 calibration: salience only
+    assert NullCalibration.from_dict(both.to_dict()) == both
+
+
 def test_unknown_statistics_and_empty_nulls_are_refused_with_what_to_do():
     with pytest.raises(ValueError, match="unknown check statistics"):
         calibrate([null_features(random.Random(0), 5)], {"loudness": 99})

@@ -75,6 +75,8 @@ def test_the_scan_lists_what_each_model_says_that_the_other_would_not_best_first
         # Every aligned pair of the analysed text is screened; the top `contexts` are scored exactly.
         assert report.scan.contexts_screened[owner] == audit.json("stages/analyse.json")["analysed_pairs"]
         assert 0 < report.scan.contexts_scored[owner] <= audit.json("spec.json")["scan"]["contexts"]
+        # Positions where a bare space was completed to a word: some of the screened ones at most.
+        assert 0 <= scan["sides"][owner.lower()]["completed"] <= report.scan.contexts_screened[owner]
         entries = [e for e in report.divergent_contexts if e.owner == owner]
         assert len(entries) == len(scan["sides"][owner.lower()]["entries"]) > 0
         assert [e.rank for e in entries] == list(range(1, len(entries) + 1))

@@ -72,7 +72,7 @@ def test_report_round_trips_exactly_through_json(report: AuditReport) -> None:
     again = AuditReport.model_validate_json(text)
     assert again == report
     assert again.model_dump_json() == text
-    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.6"
+    assert json.loads(text)["schema_version"] == SCHEMA_VERSION == "1.7"
 
 
 def test_every_schema_field_has_a_description() -> None:
@@ -549,7 +549,8 @@ def test_the_terminal_lists_what_each_model_says_that_the_other_would_not_and_wh
     b_first = next(e for e in report.divergent_contexts if e.owner == "B")
     assert "What B says that A would not (behaviour-first scan" in text and "What A says that B would not" in text
     assert f"#1 says {b_first.text!r}" in text and f"in {b_first.occurrences} docs" in text
-    assert f"salience {b_first.salience:.2f}" in text and "✓ = salience > 2.50" in text
+    assert f"salience {b_first.salience:.2f}" in text and f"gap {b_first.gap:.1f}," in text
+    assert "✓ = gap > 8 nats and salience > 2.50, the null pairs' p99" in text
     absorbed = next(e for e in report.divergent_contexts if e.owner == "B" and e.features[0].partition == "shared")
     assert f"carried by shared {absorbed.features[0].index}@seed1 ({absorbed.features[0].closes:.0%})" in text
     lines = [line for line in text.splitlines() if "says" in line and "score" in line]
@@ -563,4 +564,15 @@ def test_the_page_lists_divergent_contexts_with_links_to_the_cards_of_the_featur
         for link in e.features:
             anchor = f'href="#feature-{e.owner.lower()}-{link.index}"'
             assert (anchor in page) == (link.reported and link.partition != "shared")
-    assert "salience above 2.5" in page  # the scan's null threshold is stated
+    assert "✓ = gap &gt; 8 nats and salience &gt; 2.50" in page  # the scan's null thresholds are stated
+
+
+def test_a_1_6_report_whose_scan_was_checked_on_salience_alone_still_opens_and_says_so(report):
+    data = json.loads(report.model_dump_json())
+    data["schema_version"] = "1.6"
+    del data["scan"]["null_gap"], data["checks_calibration"]["scan_gap"]
+    old = AuditReport.model_validate(data)
+    assert old.scan is not None and old.scan.null_gap is None and old.scan.null_threshold == 2.5
+    out = io.StringIO()
+    print_summary(old, Console(file=out, width=160, color_system=None, force_terminal=False))
+    assert "✓ = salience > 2.50, the null pairs' p99" in out.getvalue() and "gap >" not in out.getvalue()
