@@ -236,19 +236,25 @@ def owner_predictions(
     """The owner's ``top_k`` next tokens at every aligned position, from one forward per batch of documents.
 
     Tokens below ``min_prob``, special tokens other than EOS, and byte pieces of a character are left out, and a
-    position with none left is dropped: it says nothing the gap could weigh. Contexts are not decoded here
-    (``attach_contexts``), since only the few scored exactly need them.
+    position with none left is dropped: it says nothing the gap could weigh. A document's first text token is no
+    context: the owner may go on with a piece of that word ("A" → "t"), which the other model, unable to back off
+    the only token it has (token healing needs one before it), would score as if the owner had spelt a new word.
+    Contexts are not decoded here (``attach_contexts``), since only the few scored exactly need them.
     """
     for document in documents:
         _check_positions(document)
     texts, eos = token_texts(tokenizer).texts, eos_id(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
     jobs = [(d.owner_ids, d.positions[:, 0]) for d in documents]
     out: list[Prediction] = []
     for document, logprobs in zip(
         documents, _position_logprobs(model, _pad_id(tokenizer), jobs, batch_size, max_tokens_per_batch), strict=True
     ):
         values, tokens = (t.cpu().tolist() for t in logprobs.topk(min(top_k, logprobs.shape[-1]), -1))
+        first = next((i for i, t in enumerate(document.owner_ids.tolist()) if t not in special), -1)
         for (o, x), lps, ids in zip(document.positions.tolist(), values, tokens, strict=True):
+            if o == first:
+                continue
             kept = [(t, None if t == eos else texts[t], lp) for t, lp in zip(ids, lps, strict=True)]
             kept = [(t, s, lp) for t, s, lp in kept if math.exp(lp) >= min_prob and _speaks(s)]
             if kept:

@@ -360,3 +360,18 @@ def test_a_bare_space_is_completed_to_the_word_the_owner_spells_after_it(pair):
     assert merged.texts == (" Qux",) and merged.probs == pytest.approx((0.7,))
     with pytest.raises(ValueError, match="max_steps"):
         complete_words(spelling, tok, docs, [said], max_steps=-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])  # without and with a BOS token
+def test_a_documents_first_text_token_is_no_context(pair, arch):
+    model, tok = pair[arch]
+    docs = scan_documents(TINY_CORPUS[:4], tok, tok)
+    said = owner_predictions(model, tok, docs, min_prob=0.0)
+    special = set(tok.all_special_ids)
+    for d in docs:
+        first = next(i for i, t in enumerate(d.owner_ids.tolist()) if t not in special)
+        aligned = set(d.positions[:, 0].tolist())
+        assert first in aligned  # aligned (a model against itself), but not read
+        read = {p.owner_position for p in said if p.doc == d.doc}
+        assert first not in read and read <= aligned  # (a position whose top tokens are all byte pieces is not read)
+        assert len(read) >= 0.8 * (len(aligned) - 1)
