@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     for side in ("a", "b"):
         run.add_argument(f"--gpus-{side}", type=float, metavar="N", help=f"GPUs for model {side.upper()}'s "
                          f"extraction (default {_default(Resources, 'num_gpus', '{:g}')})")
+    run.add_argument("--seeds", type=int, metavar="N", help="crosscoders of the seed ensemble; a finding's stability "
+                     f"is the share that have it (default {_default(training, 'seeds')}; 1: one crosscoder)")
     run.add_argument("--gpus-train", type=float, metavar="N",
                      help=f"GPUs for training (default {_default(training, 'num_gpus', '{:g}')})")
     run.add_argument("--top-features", type=int, metavar="N",
@@ -207,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steer-prompt", action="append", metavar="TEXT",
                      help="extra prompt for steering generations (repeatable; default none)")
     run.add_argument("--no-steering", action="store_true", help="skip the steering stage")
+    run.add_argument("--no-scan", action="store_true", help="skip the behaviour-first scan (divergent contexts)")
     run.add_argument("--seed", type=int, metavar="N",
                      help=f"seed of initialisation and data order (default {_default(AuditSpec, 'seed')})")
     run.add_argument("--audit-id", metavar="ID", help="id for the new audit (default: time + random)")

@@ -168,6 +168,7 @@ _SPEC_FLAGS = {
     "batch_size": "training.batch_size",
     "lr": "training.lr",
     "gpus_train": "training.num_gpus",
+    "seeds": "training.seeds",
     "top_features": "top_features",
     "seed": "seed",
 }
@@ -195,6 +196,8 @@ def spec_from_args(args: argparse.Namespace) -> AuditSpec:
         tree["corpus"] = corpus
     if args.no_steering:
         _set(tree, "steering.enabled", False)
+    if args.no_scan:
+        _set(tree, "scan.enabled", False)
     if args.steer_prompt:
         _set(tree, "steering.probe_prompts", args.steer_prompt)
     if args.explain:

@@ -22,6 +22,7 @@ import ray
 import torch
 
 from dfc.crosscoder import Crosscoder
+from service.cli.common import CLIError
 from service.cli.main import build_parser
 from service.cli.main import main as cli_main
 from service.cli.run import spec_from_args
@@ -388,6 +389,16 @@ def test_run_with_explain_needs_an_explainer_endpoint_and_says_which_variables(t
         err = capsys.readouterr().err.strip()
         assert code == 1 and "DFC_EXPLAINER_URL" in err and "--explain" in err
     assert not (tmp_path / "bucket").exists()
+
+
+def test_the_ensemble_and_the_scan_are_on_by_default_and_the_run_flags_turn_them_down():
+    base = ["run", "--model-a", "org/a", "--model-b", "org/b"]
+    default = spec_from_args(build_parser().parse_args(base))
+    assert default.training.seeds == 3 and default.scan.enabled
+    down = spec_from_args(build_parser().parse_args([*base, "--seeds", "1", "--no-scan"]))
+    assert down.training.seeds == 1 and not down.scan.enabled
+    with pytest.raises(CLIError, match="seeds"):
+        spec_from_args(build_parser().parse_args([*base, "--seeds", "0"]))
 
 
 def test_run_with_explain_asks_for_explanations_in_the_spec(monkeypatch):
