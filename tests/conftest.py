@@ -19,4 +19,5 @@ pytest_plugins = [
     "tests.fixtures.tiny_models",
     "tests.fixtures.prod_tokenizers",
     "tests.fixtures.planted",
+    "tests.fixtures.ray",
 ]

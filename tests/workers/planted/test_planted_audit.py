@@ -10,12 +10,10 @@ Removing the planted finding cuts the response by only ~30% on this pair (the su
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-import ray
 
 from service.cli.run import demo_spec
 from workers.pipeline.run import run_audit
@@ -53,16 +51,6 @@ class Audited(NamedTuple):
     pair: PlantedPair
     assessment: Assessment
     scan: ScanAssessment
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    if ray.is_initialized():  # another test module left one running: share it
-        yield
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _audit(config: PlantedPairConfig, root: Path) -> Audited:
