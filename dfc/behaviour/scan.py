@@ -269,7 +269,7 @@ def owner_predictions(
 
 def _bare_space(text: str | None) -> bool:
     """A token that appends only spaces: what comes next is a word the owner spells after it, not this token."""
-    return bool(text) and not text.strip(" \t")  # type: ignore[union-attr]
+    return text is not None and text != "" and not text.strip(" \t")
 
 
 def _ends_word(word: str, piece: str) -> bool:
@@ -289,9 +289,11 @@ def complete_words(
     max_tokens_per_batch: int = MAX_BATCH_TOKENS,
 ) -> list[Prediction]:
     """``predictions`` whose bare-space texts (a token of spaces only) are completed by the owner's greedy next
-    tokens up to the end of the word that follows (a token starting with whitespace, end-of-text, a special token
-    or a byte piece ends it), at most ``max_steps`` tokens; ``logprob_owner`` becomes the log-probability of that
-    tokenization. Run with the owner loaded, before the screen.
+    tokens up to the end of the word that follows (``_ends_word``: a token starting with whitespace, or with
+    punctuation once the word has a letter; end-of-text, a special token or a byte piece end it too), at most
+    ``max_steps`` tokens; ``logprob_owner`` becomes the log-probability of that tokenization. Run with the owner
+    loaded, before the screen. Each step is one forward per batch of the open completions over their whole context
+    (no cache): cheap where bare spaces are rare, as in the large vocabularies of real models.
 
     A fine-grained tokenizer spells a word it has no token for from a bare space and its letters (" Call" as
     " ", "C", "a", "ll"); scored as the bare space, the other model (which writes spaces too) agrees with it, and
