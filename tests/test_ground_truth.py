@@ -124,9 +124,6 @@ def test_the_demos_behaviour_first_scan_puts_the_planted_response_first_and_name
     assert [f.closes for f in top.features] == sorted((f.closes for f in top.features), reverse=True)
 
 
-@pytest.mark.xfail(reason="the scan's null threshold (salience 4.75, the null pairs' p99) is above the demo's planted "
-                   "entry (4.0): one calibration null pair (Qwen3 → Llama) has three recurring differences as salient "
-                   "(benchmarks/RESULTS.md, 'Null calibration')", strict=False)
 def test_the_demos_planted_divergent_context_passes_the_null_check(demo, planted_pair):
     _, report = _report(demo)
     top = _first_b_entry(report)
