@@ -85,7 +85,8 @@ def test_the_scan_lists_what_each_model_says_that_the_other_would_not_best_first
         for e in entries:
             assert e.gap > 0 and e.score >= e.gap - 1e-9 and e.logprob_owner > e.logprob_other
             assert e.occurrences >= 1 + len(e.examples) and all(x.gap <= e.gap + 1e-9 for x in e.examples)
-            key = (e.text is None, (e.text or "").strip().casefold())
+            said = e.text or ""  # compared as the scan groups texts: case kept, leading spaces one space
+            key = (e.text is None, (" " if said != said.lstrip() else "") + said.strip())
             assert key not in texts  # deduplicated by what is said
             texts.add(key)
 
