@@ -7,7 +7,7 @@ statistic (`dfc/analysis/null.py`). Writes the calibration the audits use by def
 `workers/report/null_calibration.json`, and `benchmarks/results/null_calibration.json` with every null
 feature's statistics, so other percentiles can be tried without auditing again (`--from-results`).
 
-    python benchmarks/calibrate.py                      # ~10 min on 2 CPU cores
+    python benchmarks/calibrate.py                      # ~5 min on 2 CPU cores
     python benchmarks/calibrate.py --from-results --percentile divergence=99 --percentile removal_kl=50
     python benchmarks/calibrate.py --restat STORE        # statistics read again from a run's stored audits
 """

@@ -501,9 +501,11 @@ def test_the_shipped_calibration_is_from_null_pairs_and_a_spec_can_bring_its_own
     assert {"divergence", "removal_kl"} <= set(shipped.thresholds) and shipped.percentiles["divergence"] >= 99
     # Fewer than one chance finding per calibration null pair on average (held-out nulls: benchmarks/suite.py).
     assert len(shipped.passing_per_pair) == shipped.null_pairs and shipped.passing_per_pair_mean < 1
+    assert shipped.scan_gap is not None and shipped.scan_percentile is not None  # the scan's ✓ reads the gap
     own = NullCalibrationSpec(thresholds={"divergence": 2.0}, percentiles={"divergence": 99}, null_pairs=1,
-                              null_features=40)  # fmt: skip
-    assert calibration_for(own.model_dump()).thresholds == {"divergence": 2.0}
+                              null_features=40, scan_gap=5.0)  # fmt: skip
+    mine = calibration_for(own.model_dump())
+    assert mine.thresholds == {"divergence": 2.0} and mine.scan_gap == 5.0 and mine.scan_salience is None
     with pytest.raises(ValidationError, match="unknown check statistics"):
         NullCalibrationSpec(thresholds={"loudness": 1.0}, percentiles={"loudness": 99}, null_pairs=1, null_features=1)
 
