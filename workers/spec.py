@@ -381,7 +381,7 @@ class NullCalibrationSpec(_Strict):
         None, ge=-1e3, le=1e3, description="Behaviour-first scan: the salience an entry must be above (log ratio of "
         "its score to the median of the audit's other top entries)."
     )
-    scan_percentile: float | None = Field(None, ge=0, le=100, description="The null percentile the scan's are.")
+    scan_percentile: float | None = Field(None, ge=0, le=100, description="Null percentile of the scan's thresholds.")
     scan_gap: float | None = Field(
         None, ge=0, le=1e3, description="Behaviour-first scan: the gap in nats an entry must be above (its owner's "
         "top next tokens, log-probability under the owner over the other, weighted by the owner's probability)."

@@ -64,8 +64,8 @@ class NullCalibration:
     source: str = ""
     """Where the calibration came from (the pairs, the recipe), for the report."""
     scan_salience: float | None = None
-    """The behaviour-first scan: the salience (``dfc.behaviour.scan.salience``) an entry must be above; None: the
-    scan is uncalibrated."""
+    """The behaviour-first scan: the salience (``dfc.behaviour.scan.salience``) an entry must be above; None: not
+    checked on salience (with ``scan_gap`` None too, the scan is uncalibrated)."""
     scan_percentile: float | None = None
     """Which null percentile of the null pairs' scan entries ``scan_salience`` and ``scan_gap`` are."""
     scan_gap: float | None = None

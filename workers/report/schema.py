@@ -166,7 +166,7 @@ class ChecksCalibration(_Model):
     )
     source: str = Field("", description="The calibration's pairs and recipe.")
     scan_salience: float | None = Field(
-        default=None, description="The scan's null threshold on an entry's salience (null: the scan is uncalibrated)."
+        default=None, description="The scan's null threshold on an entry's salience (null: not checked on salience)."
     )
     scan_percentile: float | None = Field(default=None, description="Which null percentile the scan's thresholds are.")
     scan_gap: float | None = Field(
