@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 
 from workers.pipeline import run as pipeline
 from workers.pipeline.run import run_audit
@@ -39,17 +38,6 @@ def make_spec(tiny_models: Any, *, steering: bool = True, architecture: str = "d
     })  # fmt: skip
 
 
-@pytest.fixture(scope="package")
-def ray_instance():
-    """A small local Ray for this module (or the one another module already started)."""
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 class Audit:
     """One finished audit: its store, id, final status and the order in which the driver wrote objects."""
 
@@ -68,7 +56,7 @@ class Audit:
 
 
 @pytest.fixture(scope="package")
-def audit(ray_instance, tiny_models, tmp_path_factory) -> Audit:
+def audit(local_ray, tiny_models, tmp_path_factory) -> Audit:
     root = tmp_path_factory.mktemp("bucket")
     audit_id = AuditStore(LocalStore(root)).create(make_spec(tiny_models)).id
     puts: list[str] = []
