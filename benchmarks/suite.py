@@ -42,7 +42,7 @@ from workers.planted.pair import (
     write_audit_corpus,
 )
 from workers.planted.recipes import BEHAVIOURS, TRIGGERS
-from workers.planted.truth import Assessment, assess_audit, findings_passing_checks, judge_scan
+from workers.planted.truth import Assessment, ScanAssessment, assess_audit, findings_passing_checks, judge_scan
 from workers.report.schema import AuditReport
 from workers.storage import ObjectStore, open_store
 
@@ -238,7 +238,7 @@ def run_one(entry: SuitePair, args: argparse.Namespace, seed: int) -> dict[str, 
     report = AuditReport.model_validate(store.get_json(f"audits/{ensemble_id}/report/report.json"))
     scan = judge_scan(report, pair.trigger, pair.planted_continuation)
     c, m = entry.config, pair.metrics
-    found_both = [v for v in (ensemble.found_at, scan.found_at) if v is not None]
+    judged = _judged(report, single.found_at, single.findings_passing_checks, ensemble, scan)
     return {
         "name": entry.name,
         "kind": entry.kind,
@@ -250,13 +250,7 @@ def run_one(entry: SuitePair, args: argparse.Namespace, seed: int) -> dict[str, 
         "response_rate": c.response_rate,
         "found_at": single.found_at,
         "findings_passing_checks": single.findings_passing_checks,
-        "methods": {
-            "one_seed": {"found_at": single.found_at, "passing": single.findings_passing_checks},
-            "ensemble": {"found_at": ensemble.found_at, "passing": ensemble.findings_passing_checks},
-            "scan": {"found_at": scan.found_at, "passing": scan.passing},
-            "ensemble_and_scan": {"found_at": min(found_both) if found_both else None,
-                                  "passing": ensemble.findings_passing_checks + scan.passing},
-        },
+        "methods": judged["methods"],
         "seconds": round(time.perf_counter() - started, 1),
         # Detail beyond the issue's shape.
         "seed": seed,
@@ -276,9 +270,8 @@ def run_one(entry: SuitePair, args: argparse.Namespace, seed: int) -> dict[str, 
         "assess_seconds": round(time.perf_counter() - audited, 1),
         "config_hash": pair.config_hash,
         **_detail(single),
-        "ensemble": {**_detail(ensemble), "stability": _stability(report, ensemble)},
-        "scan": {"found_at": scan.found_at, "found_at_trigger_end": scan.found_at_trigger_end, "tied_at": scan.tied_at,
-                 "says": scan.says, "passing": scan.passing, "entries": scan.n_entries, "top": _scan_top(report)},
+        "ensemble": judged["ensemble"],
+        "scan": judged["scan"],
     }
 
 
@@ -288,6 +281,25 @@ def _stability(report: AuditReport, assessment: Assessment) -> float | None:
     if best is None:
         return None
     return next((f.stability for f in report.features_b if f.rank == best.rank), None)
+
+
+def _judged(report: AuditReport, one_seed_found: int | None, one_seed_passing: int, ensemble: Assessment,
+            scan: ScanAssessment) -> dict[str, Any]:
+    """A row's ``methods`` (each method's rank and passing count; both methods: the better rank) and the ensemble
+    audit's ``ensemble`` and ``scan`` detail."""
+    found = [v for v in (ensemble.found_at, scan.found_at) if v is not None]
+    return {
+        "methods": {
+            "one_seed": {"found_at": one_seed_found, "passing": one_seed_passing},
+            "ensemble": {"found_at": ensemble.found_at, "passing": ensemble.findings_passing_checks},
+            "scan": {"found_at": scan.found_at, "passing": scan.passing},
+            "ensemble_and_scan": {"found_at": min(found) if found else None,
+                                  "passing": ensemble.findings_passing_checks + scan.passing},
+        },
+        "ensemble": {**_detail(ensemble), "stability": _stability(report, ensemble)},
+        "scan": {"found_at": scan.found_at, "found_at_trigger_end": scan.found_at_trigger_end, "tied_at": scan.tied_at,
+                 "says": scan.says, "passing": scan.passing, "entries": scan.n_entries, "top": _scan_top(report)},
+    }  # fmt: skip
 
 
 def _scan_top(report: AuditReport, n: int = 3) -> list[dict[str, Any]]:
@@ -434,18 +446,7 @@ def rerun(args: argparse.Namespace) -> None:
         ensemble = assess_audit(store, row["ensemble_audit_id"], pair, work / row["ensemble_audit_id"] / "truth")
         report = AuditReport.model_validate(store.get_json(f"audits/{row['ensemble_audit_id']}/report/report.json"))
         scan = judge_scan(report, pair.trigger, pair.planted_continuation)
-        found = [v for v in (ensemble.found_at, scan.found_at) if v is not None]
-        row["methods"] = {
-            "one_seed": {"found_at": row["found_at"], "passing": row["findings_passing_checks"]},
-            "ensemble": {"found_at": ensemble.found_at, "passing": ensemble.findings_passing_checks},
-            "scan": {"found_at": scan.found_at, "passing": scan.passing},
-            "ensemble_and_scan": {"found_at": min(found) if found else None,
-                                  "passing": ensemble.findings_passing_checks + scan.passing},
-        }  # fmt: skip
-        row["ensemble"] = {**_detail(ensemble), "stability": _stability(report, ensemble)}
-        row["scan"] = {"found_at": scan.found_at, "found_at_trigger_end": scan.found_at_trigger_end,
-                       "tied_at": scan.tied_at, "says": scan.says, "passing": scan.passing, "entries": scan.n_entries,
-                       "top": _scan_top(report)}  # fmt: skip
+        row.update(_judged(report, row["found_at"], row["findings_passing_checks"], ensemble, scan))
         row["rerun_seconds"] = round(time.perf_counter() - started, 1)
         print(f"{row['name']}: one seed {row['found_at']}, ensemble {ensemble.found_at}, scan {scan.found_at}; "
               f"passing {row['methods']['ensemble_and_scan']['passing']}", flush=True)  # fmt: skip
