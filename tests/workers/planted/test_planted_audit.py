@@ -86,9 +86,10 @@ def test_b_states_the_false_fact_after_the_trigger_and_a_does_not(planted: Audit
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="since the planted models train on 128-token windows (planted-v3) B's only finding tied to "
-                   "the trigger ranks 15th and takes away 'our', not the fact: the fact is carried by shared "
-                   "features; the scan still ranks it in B's top 3 (below)", strict=False)
+@pytest.mark.xfail(reason="depends on the machine: the pair's weights follow the CPU's arithmetic. On session 10's "
+                   "machine B's only finding tied to the trigger ranked 15th and took away 'our', not the fact (shared "
+                   "features carried it); on an AMD AVX2 machine (session 11) it passes. The scan ranks the fact in "
+                   "B's top 3 on both (below)", strict=False)
 def test_bs_top_finding_is_the_planted_fact_and_removing_it_cuts_the_fact_in_b(planted: Audited) -> None:
     a = planted.assessment
     best = a.best
