@@ -1,16 +1,15 @@
 """Ground truth: ``dfc-audit demo``, the one command, finds model B's planted behaviour.
 
-The demo audits the planted pair end to end (local Ray, a folder as the bucket). What every machine must see: the
-behaviour-first scan puts the planted response first among what B says that A would not, it passes the null
+The demo audits the planted pair end to end (local Ray, a folder as the bucket), reading the last block of both
+models. What every machine must see: a B-exclusive feature among B's top three fires at the end of the trigger
+sentences and says the planted response; removing it where it fires halves the response and leaves neutral text
+alone; the behaviour-first scan puts the response first among what B says that A would not, it passes the null
 check, and the features the report names as carrying it close a real share of its gap.
 
-Whether the dictionary also isolates the behaviour in a B-exclusive feature differs between machines. The pair is
-trained on CPU, and its weights follow the CPU's arithmetic: the same config gives bit-identical models on one
-machine, other weights where ATen's vector kernels or MKL's code path differ (benchmarks/RESULTS.md, 'The demo on
-other machines' arithmetic'). On one of four such pairs a B-exclusive feature fired at the trigger sentences' ends
-and said the planted response; on the others shared features carried it in all three seeds. The feature claims
-below are therefore checked where the dictionary isolated the behaviour and skipped, with the reason, where it did
-not. The demo runs with ``--explain`` against a loopback stand-in for an OpenAI-compatible endpoint, so the flag's
+The pair is trained on CPU and its weights follow the CPU's arithmetic (benchmarks/RESULTS.md, 'The demo on other
+machines' arithmetic'). At the middle block that decided whether any one feature held the refusal (one of four
+pairs). At the last block one B-only feature held it on every pair measured ('The demo reads the last block').
+The demo runs with ``--explain`` against a loopback stand-in for an OpenAI-compatible endpoint, so the flag's
 whole path (environment, CLI, spec, explain stage, report) is exercised.
 """
 
@@ -94,7 +93,7 @@ def _first_b_entry(report: AuditReport) -> DivergentContext:
 
 
 def _isolated_feature(report: AuditReport, pair: PlantedPair) -> FeatureReport:
-    """The B-exclusive feature that isolates the planted behaviour, or a skip saying where the behaviour went."""
+    """The B-exclusive feature that isolates the planted behaviour; a failure saying where the behaviour went."""
     planted = _planted_feature(report, pair.trigger_word, pair.planted_continuation.split()[0])
     if planted is None:
         at_ends = [f"#{f.rank} says {_says(f)!r}" for f in report.features_b
@@ -102,7 +101,7 @@ def _isolated_feature(report: AuditReport, pair: PlantedPair) -> FeatureReport:
         top = _first_b_entry(report)
         carriers = ", ".join(f"{f.partition} {f.index}{f'@seed{f.seed}' if f.run else ''} ({f.closes:.0%})"
                              for f in top.features[:3])  # fmt: skip
-        pytest.skip(f"on this machine's pair no B-exclusive feature isolates the planted response (features at the "
+        pytest.fail(f"on this machine's pair no B-exclusive feature isolates the planted response (features at the "
                     f"trigger sentences' ends: {', '.join(at_ends) or 'none'}); B's first scan entry {top.text!r} is "
                     f"carried by {carriers}")  # fmt: skip
     return planted
@@ -117,9 +116,6 @@ def test_the_demo_ranks_the_planted_feature_in_bs_top_three_saying_the_planted_r
     assert planted.divergence.tokens[0].logprob_other < planted.divergence.tokens[0].logprob_owner - 5
 
 
-@pytest.mark.xfail(reason="where a B-only trigger feature exists, it has carried only ~17% of the response "
-                   "(session 10's pair: gated removal 0.46 → 0.39); the rest is absorbed by shared features, which the "
-                   "scan names (benchmarks/RESULTS.md, 'Planted-pair suite')", strict=False)
 def test_removing_the_demos_planted_feature_where_it_fires_halves_the_planted_response(demo, planted_pair):
     audit_id, report = _report(demo)
     planted = _isolated_feature(report, planted_pair)

@@ -369,12 +369,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return execute(status.id, args.store, args, json_out=json_out, started=started)
 
 
-def demo_spec(pair: Any, corpus_path: Path, token_budget: int, *, explain: bool = False) -> AuditSpec:
-    """The audit of the planted pair: small-model sizes, steering on the pair's trigger and neutral prompts."""
+# The demo reads the last block of its 4-block models. At the middle block (2) the refusal is not yet decided at
+# the trigger sentence's end: later attention re-derives it from other positions, so removing any one feature there
+# cut it by 1-17% and which features held it varied with the CPU's arithmetic. At the last block one B-only
+# feature carries it: removal cut it by 85-92% (benchmarks/RESULTS.md, 'The demo reads the last block').
+DEMO_LAYER = -1
+
+
+def demo_spec(
+    pair: Any, corpus_path: Path, token_budget: int, *, explain: bool = False, layer: int | str = "middle"
+) -> AuditSpec:
+    """The audit of the planted pair: small-model sizes, steering on the pair's trigger and neutral prompts, both
+    models read at `layer` (the demo reads the last block, `DEMO_LAYER`; the planted-pair suite the middle one)."""
     return AuditSpec.model_validate(
         {
-            "model_a": {"id": str(pair.model_a_dir)},
-            "model_b": {"id": str(pair.model_b_dir)},
+            "model_a": {"id": str(pair.model_a_dir), "layer": layer},
+            "model_b": {"id": str(pair.model_b_dir), "layer": layer},
             "corpus": {"kind": "files", "paths": [str(corpus_path)]},
             "token_budget": token_budget,
             "max_length": 256,
@@ -428,7 +438,7 @@ def _demo(args: argparse.Namespace, json_out: TextIO | None) -> int:
     # About 35 tokens per document: write enough of the (deterministic) audit stream to fill the budget.
     n_docs = max(PlantedPairConfig().n_audit_docs, args.token_budget // 25)
     corpus_path = write_audit_corpus(cache, PlantedPairConfig(), n_docs)
-    spec = demo_spec(pair, corpus_path, args.token_budget, explain=args.explain)
+    spec = demo_spec(pair, corpus_path, args.token_budget, explain=args.explain, layer=DEMO_LAYER)
     store, audits = open_audits(args.store)
     store.check()
     status = audits.create(spec)
