@@ -7,8 +7,9 @@ alone; the behaviour-first scan puts the response first among what B says that A
 check, and the features the report names as carrying it close a real share of its gap.
 
 The pair is trained on CPU and its weights follow the CPU's arithmetic (benchmarks/RESULTS.md, 'The demo on other
-machines' arithmetic'). At the middle block that decided whether any one feature held the refusal (one of four
-pairs). At the last block one B-only feature held it on every pair measured ('The demo reads the last block').
+machines' arithmetic'). At the middle block that draw decided whether any one feature held the refusal (one did on
+one of four pairs). At the last block one B-only feature held it on all three pairs measured ('The demo reads the
+last block').
 The demo runs with ``--explain`` against a loopback stand-in for an OpenAI-compatible endpoint, so the flag's
 whole path (environment, CLI, spec, explain stage, report) is exercised.
 """
