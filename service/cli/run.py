@@ -370,9 +370,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # The demo reads the last block of its 4-block models. At the middle block (2) the refusal is not yet decided at
-# the trigger sentence's end: later attention re-derives it from other positions, so removing any one feature there
-# cut it by 1-17% and which features held it varied with the CPU's arithmetic. At the last block one B-only
-# feature carries it: B's #1, in 3/3 seeds, whose removal cut it by 85-87% on three arithmetics' pairs
+# the trigger sentence's end: later attention re-derives it from other positions, so removing the B-only feature
+# that fired there cut it by 1-17%, and which features held it varied with the CPU's arithmetic. At the last block
+# one B-only feature carries it: B's #1, in 3/3 seeds, whose removal cut it by 85-87% on three arithmetics' pairs
 # (benchmarks/RESULTS.md, 'The demo reads the last block').
 DEMO_LAYER = -1
 
